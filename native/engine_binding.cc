@@ -1,0 +1,432 @@
+#include "engine_binding.h"
+
+#include "util/napi_util.h"
+
+namespace epd {
+namespace {
+
+Code CodeFromName(const std::string& name) {
+  for (int c = static_cast<int>(Code::kBadArgument); c <= static_cast<int>(Code::kSystem); ++c) {
+    if (name == CodeName(static_cast<Code>(c))) return static_cast<Code>(c);
+  }
+  return Code::kAborted;
+}
+
+std::vector<RemoteRegionSpec> ParseSpecs(Napi::Env env, Napi::Value v) {
+  if (!v.IsArray()) Throw(env, Code::kBadArgument, "Expected an array of region descriptors");
+  auto arr = v.As<Napi::Array>();
+  std::vector<RemoteRegionSpec> specs;
+  specs.reserve(arr.Length());
+  for (uint32_t i = 0; i < arr.Length(); ++i) {
+    Napi::Value e = arr.Get(i);
+    if (!e.IsObject()) Throw(env, Code::kBadArgument, "Expected an object for region descriptor " + std::to_string(i));
+    auto o = e.As<Napi::Object>();
+    RemoteRegionSpec s;
+    auto num = [&](const char* key, bool required) -> uint64_t {
+      Napi::Value x = o.Get(key);
+      if (x.IsUndefined() && !required) return 0;
+      double d = x.IsNumber() ? x.As<Napi::Number>().DoubleValue() : -1;
+      if (!(d >= 0 && d <= 9007199254740991.0) || static_cast<double>(static_cast<uint64_t>(d)) != d) {
+        Throw(env, Code::kBadArgument, std::string("Expected a non-negative integer for region descriptor ") +
+                                           std::to_string(i) + " " + key);
+      }
+      return static_cast<uint64_t>(d);
+    };
+    s.id = static_cast<uint32_t>(num("id", true));
+    s.length = static_cast<size_t>(num("length", true));
+    s.offset = num("offset", false);
+    Napi::Value shm = o.Get("shm");
+    if (shm.IsString()) s.shm = shm.As<Napi::String>().Utf8Value();
+    Napi::Value key = o.Get("ipcKey");
+    if (key.IsString()) s.ipc_key = key.As<Napi::String>().Utf8Value();
+    specs.push_back(std::move(s));
+  }
+  return specs;
+}
+
+void CleanupHook(void* arg) {
+  // The environment is going away (process exit or worker termination) without
+  // close(): stop the worker threads before it does.
+  static_cast<Engine*>(arg)->Shutdown();
+}
+
+}  // namespace
+
+Napi::Function EngineWrap::Define(Napi::Env env) {
+  return DefineClass(env, "NativeEngine",
+                     {
+                         InstanceMethod<&EngineWrap::Allocate>("allocate"),
+                         InstanceMethod<&EngineWrap::Register>("register"),
+                         InstanceMethod<&EngineWrap::RegisterDevice>("registerDevice"),
+                         InstanceMethod<&EngineWrap::Free>("free"),
+                         InstanceMethod<&EngineWrap::Segment>("segment"),
+                         InstanceMethod<&EngineWrap::AddPeer>("addPeer"),
+                         InstanceMethod<&EngineWrap::UpdatePeer>("updatePeer"),
+                         InstanceMethod<&EngineWrap::DropPeer>("dropPeer"),
+                         InstanceMethod<&EngineWrap::Submit>("submit"),
+                         InstanceMethod<&EngineWrap::Abort>("abort"),
+                         InstanceMethod<&EngineWrap::Counters>("counters"),
+                         InstanceMethod<&EngineWrap::InFlight>("inFlight"),
+                         InstanceMethod<&EngineWrap::Close>("close"),
+                         InstanceMethod<&EngineWrap::DeviceAlloc>("deviceAlloc"),
+                         InstanceMethod<&EngineWrap::DeviceFree>("deviceFree"),
+                         InstanceMethod<&EngineWrap::DeviceWrite>("deviceWrite"),
+                         InstanceMethod<&EngineWrap::DeviceRead>("deviceRead"),
+                         InstanceMethod<&EngineWrap::DeviceIpcExport>("deviceIpcExport"),
+                         InstanceMethod<&EngineWrap::DeviceIpcImport>("deviceIpcImport"),
+                         InstanceMethod<&EngineWrap::DeviceIpcClose>("deviceIpcClose"),
+                         InstanceMethod<&EngineWrap::CreateStream>("createStream"),
+                         InstanceMethod<&EngineWrap::CreateEvent>("createEvent"),
+                     });
+}
+
+EngineWrap::EngineWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<EngineWrap>(info) {
+  Napi::Env env = info.Env();
+  EngineOptions options;
+  if (info.Length() > 0 && info[0].IsObject()) {
+    auto o = info[0].As<Napi::Object>();
+    if (o.Get("threads").IsNumber()) options.threads = o.Get("threads").As<Napi::Number>().Uint32Value();
+    if (o.Get("chunkBytes").IsNumber()) {
+      options.chunk_bytes = static_cast<size_t>(o.Get("chunkBytes").As<Napi::Number>().Int64Value());
+    }
+  }
+  if (options.threads < 1 || options.threads > 64) Throw(env, Code::kBadArgument, "threads must be in 1..64");
+  if (options.chunk_bytes < 4096) Throw(env, Code::kBadArgument, "chunkBytes must be at least 4096");
+
+  channel_ = new Channel{this};
+  tsfn_ = Tsfn::New(env, "epd-transfer:completions", 0, 1, channel_,
+                    [](Napi::Env, void*, Channel* ch) {
+                      if (ch->owner != nullptr) ch->owner->channel_ = nullptr;
+                      delete ch;
+                    });
+  tsfn_.Unref(env);
+  engine_ = std::make_unique<Engine>(options, [this] { tsfn_.NonBlockingCall(); });
+  device_ = engine_->shared_device();
+  napi_add_env_cleanup_hook(env, CleanupHook, engine_.get());
+}
+
+EngineWrap::~EngineWrap() {
+  napi_remove_env_cleanup_hook(Env(), CleanupHook, engine_.get());
+  engine_->Shutdown();  // joins workers: nothing calls the channel after this
+  closed_->store(true);
+  if (channel_ != nullptr) {
+    channel_->owner = nullptr;
+    tsfn_.Release();
+  }
+}
+
+Engine* EngineWrap::engine(Napi::Env env) {
+  if (closed_->load()) Throw(env, Code::kClosed, "engine is closed");
+  return engine_.get();
+}
+
+void EngineWrap::CallJs(Napi::Env env, Napi::Function, Channel* channel, void*) {
+  if (env == nullptr || channel == nullptr || channel->owner == nullptr) return;
+  channel->owner->Drain(env);
+}
+
+void EngineWrap::Drain(Napi::Env env) {
+  std::vector<Completion> done;
+  engine_->DrainCompletions(&done);
+  for (Completion& c : done) {
+    auto it = pending_.find(c.batch->id);
+    if (it == pending_.end()) continue;
+    if (c.status.ok()) {
+      it->second.Resolve(Napi::Number::New(env, static_cast<double>(c.batch->bytes_done.load())));
+    } else {
+      Napi::Object err = MakeError(env, c.status);
+      err.Set("bytesMoved", Napi::Number::New(env, static_cast<double>(c.batch->bytes_done.load())));
+      it->second.Reject(err);
+    }
+    pending_.erase(it);
+  }
+  SettleFrees(env);
+  UpdateLoopRef(env);
+}
+
+void EngineWrap::SettleFrees(Napi::Env env) {
+  for (auto it = frees_.begin(); it != frees_.end();) {
+    if (engine_->regions().Find(it->first) == nullptr) {
+      for (auto& d : it->second) d.Resolve(env.Undefined());
+      it = frees_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void EngineWrap::UpdateLoopRef(Napi::Env env) {
+  // Keep the event loop alive exactly while work is in flight.
+  bool want = !pending_.empty() && !closed_->load();
+  if (want == loop_ref_ || channel_ == nullptr) return;
+  if (want) tsfn_.Ref(env); else tsfn_.Unref(env);
+  loop_ref_ = want;
+}
+
+Napi::Value EngineWrap::Allocate(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Engine* e = engine(env);
+  uint64_t bytes = ArgIndex(info, 0, "bytes");
+  if (bytes == 0) Throw(env, Code::kBadArgument, "Expected bytes > 0 for allocate");
+  bool prefault = info.Length() < 2 || info[1].ToBoolean().Value();
+  Region* r = nullptr;
+  Check(env, e->regions().AllocateHost(static_cast<size_t>(bytes), prefault, &r));
+  // The view keeps the mapping alive, so JS may hold it past free() without faulting.
+  auto* keep = new std::shared_ptr<ShmMapping>(r->mapping);
+  auto buffer = Napi::Buffer<uint8_t>::New(env, r->ptr, r->length,
+                                          [](Napi::Env, uint8_t*, std::shared_ptr<ShmMapping>* k) { delete k; },
+                                          keep);
+  auto out = Napi::Object::New(env);
+  out.Set("id", Napi::Number::New(env, r->id));
+  out.Set("buffer", buffer);
+  out.Set("shm", Napi::String::New(env, r->mapping->name()));
+  return out;
+}
+
+Napi::Value EngineWrap::Register(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Engine* e = engine(env);
+  uint8_t* data = nullptr;
+  size_t length = 0;
+  if (info.Length() < 1 || !BytesOf(info[0], &data, &length)) {
+    Throw(env, Code::kBadArgument, "Expected a Buffer, TypedArray, DataView or ArrayBuffer for register");
+  }
+  if (length == 0) Throw(env, Code::kBadArgument, "cannot register an empty buffer");
+  // Pin the JS memory for as long as the region exists.
+  auto ref = std::make_shared<Napi::Reference<Napi::Value>>(Napi::Persistent(info[0]));
+  Region* r = nullptr;
+  Check(env, e->regions().AddExternal(data, length, [ref] { ref->Reset(); }, &r));
+  return Napi::Number::New(env, r->id);
+}
+
+Napi::Value EngineWrap::RegisterDevice(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Engine* e = engine(env);
+  uint64_t ptr = ArgPointer(info, 0, "devicePtr");
+  uint64_t length = ArgIndex(info, 1, "length");
+  Region* r = nullptr;
+  Check(env, e->regions().AddDevice(ptr, static_cast<size_t>(length), &r));
+  return Napi::Number::New(env, r->id);
+}
+
+Napi::Value EngineWrap::Free(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Engine* e = engine(env);
+  uint64_t id = ArgIndex(info, 0, "region id");
+  bool fail_in_flight = info.Length() > 1 && info[1].ToBoolean().Value();
+  Region* r = e->regions().Find(static_cast<uint32_t>(id));
+  if (r == nullptr || id > 0xffffffffu) Throw(env, Code::kUnknownRegion, "unknown region id " + std::to_string(id));
+  auto deferred = Napi::Promise::Deferred::New(env);
+  if (fail_in_flight) e->AbortTouching(r->id, Code::kRegionFreed);
+  uint32_t rid = r->id;
+  if (e->regions().MarkFreeing(rid)) {
+    deferred.Resolve(env.Undefined());
+  } else {
+    frees_[rid].push_back(deferred);
+  }
+  return deferred.Promise();
+}
+
+Napi::Value EngineWrap::Segment(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Engine* e = engine(env);
+  auto arr = Napi::Array::New(env);
+  uint32_t n = 0;
+  e->regions().ForEach([&](Region& r) {
+    if (r.freeing || !r.shareable()) return;
+    auto o = Napi::Object::New(env);
+    o.Set("id", Napi::Number::New(env, r.id));
+    o.Set("length", Napi::Number::New(env, static_cast<double>(r.length)));
+    o.Set("kind", Napi::String::New(env, RegionKindName(r.kind)));
+    if (r.mapping) {
+      o.Set("shm", Napi::String::New(env, r.mapping->name()));
+      o.Set("offset", Napi::Number::New(env, 0));
+    }
+    if (!r.ipc_key.empty()) o.Set("ipcKey", Napi::String::New(env, r.ipc_key));
+    arr.Set(n++, o);
+  });
+  return arr;
+}
+
+Napi::Value EngineWrap::AddPeer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Engine* e = engine(env);
+  if (info.Length() < 3 || !info[0].IsString() || !info[1].IsNumber()) {
+    Throw(env, Code::kBadArgument, "addPeer(name, pid, regions)");
+  }
+  uint32_t id = 0;
+  Check(env, e->AddPeer(info[0].As<Napi::String>().Utf8Value(), info[1].As<Napi::Number>().Int32Value(),
+                        ParseSpecs(env, info[2]), &id));
+  return Napi::Number::New(env, id);
+}
+
+Napi::Value EngineWrap::UpdatePeer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Engine* e = engine(env);
+  uint64_t id = ArgIndex(info, 0, "peer id");
+  Check(env, e->UpdatePeer(static_cast<uint32_t>(id), ParseSpecs(env, info[1])));
+  return env.Undefined();
+}
+
+Napi::Value EngineWrap::DropPeer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Engine* e = engine(env);
+  uint64_t id = ArgIndex(info, 0, "peer id");
+  std::string code = info.Length() > 1 && info[1].IsString() ? info[1].As<Napi::String>().Utf8Value() : "ERR_PEER_LOST";
+  bool remove = info.Length() > 2 && info[2].ToBoolean().Value();
+  e->DropPeer(static_cast<uint32_t>(id), CodeFromName(code), remove);
+  return env.Undefined();
+}
+
+Napi::Value EngineWrap::Submit(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Engine* e = engine(env);
+  uint64_t op = ArgIndex(info, 0, "op");
+  uint64_t peer = ArgIndex(info, 1, "peer id");
+  if (info.Length() < 4 || !info[2].IsTypedArray() ||
+      info[2].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array) {
+    Throw(env, Code::kBadArgument, "Expected a Float64Array of descriptors");
+  }
+  auto desc = info[2].As<Napi::Float64Array>();
+  uint64_t count = ArgIndex(info, 3, "descriptor count");
+  if (count * kDescriptorStride > desc.ElementLength()) {
+    Throw(env, Code::kBadArgument, "descriptor count exceeds the descriptor array");
+  }
+  if (op > 1) Throw(env, Code::kBadArgument, "op must be 0 (write) or 1 (read)");
+  uint64_t batch_id = 0;
+  Check(env, e->Submit(op == 0 ? Op::kWrite : Op::kRead, static_cast<uint32_t>(peer), desc.Data(),
+                       static_cast<size_t>(count), &batch_id));
+  auto deferred = Napi::Promise::Deferred::New(env);
+  pending_.emplace(batch_id, deferred);
+  UpdateLoopRef(env);
+  auto out = Napi::Array::New(env, 2);
+  out.Set(0u, Napi::Number::New(env, static_cast<double>(batch_id)));
+  out.Set(1u, deferred.Promise());
+  return out;
+}
+
+Napi::Value EngineWrap::Abort(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (closed_->load()) return env.Undefined();
+  uint64_t id = ArgIndex(info, 0, "batch id");
+  std::string code = info.Length() > 1 && info[1].IsString() ? info[1].As<Napi::String>().Utf8Value() : "ERR_ABORTED";
+  engine_->Abort(id, CodeFromName(code));
+  return env.Undefined();
+}
+
+Napi::Value EngineWrap::Counters(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (counters_view_.IsEmpty()) {
+    auto* keep = new std::shared_ptr<epd::Counters>(engine_->counters());
+    auto ab = Napi::ArrayBuffer::New(env, (*keep)->v, sizeof((*keep)->v),
+                                     [](Napi::Env, void*, std::shared_ptr<epd::Counters>* k) { delete k; }, keep);
+    counters_view_ = Napi::Persistent(ab);
+  }
+  return Napi::BigUint64Array::New(env, kCounterCount, counters_view_.Value(), 0);
+}
+
+Napi::Value EngineWrap::InFlight(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), static_cast<double>(pending_.size()));
+}
+
+void EngineWrap::Shutdown(Napi::Env env) {
+  if (closed_->load()) return;
+  engine_->Shutdown();
+  Drain(env);  // batches stopped by Shutdown reject with ERR_CLOSED
+  for (auto& [id, d] : pending_) d.Reject(MakeError(env, Code::kClosed, "engine closed"));
+  pending_.clear();
+  for (auto& [id, ds] : frees_) {
+    for (auto& d : ds) d.Resolve(env.Undefined());
+  }
+  frees_.clear();
+  UpdateLoopRef(env);
+  closed_->store(true);
+  if (channel_ != nullptr) {
+    channel_->owner = nullptr;
+    channel_ = nullptr;
+    tsfn_.Release();
+  }
+}
+
+Napi::Value EngineWrap::Close(const Napi::CallbackInfo& info) {
+  Shutdown(info.Env());
+  return info.Env().Undefined();
+}
+
+Napi::Value EngineWrap::DeviceAlloc(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  engine(env);
+  uint64_t bytes = ArgIndex(info, 0, "bytes");
+  if (bytes == 0) Throw(env, Code::kBadArgument, "Expected bytes > 0 for device alloc");
+  DevicePtr p = 0;
+  Check(env, device_->Alloc(static_cast<size_t>(bytes), &p));
+  return Napi::BigInt::New(env, static_cast<uint64_t>(p));
+}
+
+Napi::Value EngineWrap::DeviceFree(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  engine(env);
+  Check(env, device_->Free(ArgPointer(info, 0, "devicePtr")));
+  return env.Undefined();
+}
+
+Napi::Value EngineWrap::DeviceWrite(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  engine(env);
+  DevicePtr dst = ArgPointer(info, 0, "devicePtr");
+  uint8_t* data = nullptr;
+  size_t length = 0;
+  if (info.Length() < 2 || !BytesOf(info[1], &data, &length)) Throw(env, Code::kBadArgument, "Expected bytes to copy");
+  Check(env, device_->CopyToDevice(dst, data, length));
+  return env.Undefined();
+}
+
+Napi::Value EngineWrap::DeviceRead(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  engine(env);
+  uint8_t* data = nullptr;
+  size_t length = 0;
+  if (info.Length() < 2 || !BytesOf(info[0], &data, &length)) Throw(env, Code::kBadArgument, "Expected a target buffer");
+  Check(env, device_->CopyToHost(data, ArgPointer(info, 1, "devicePtr"), length));
+  return env.Undefined();
+}
+
+Napi::Value EngineWrap::DeviceIpcExport(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  engine(env);
+  std::string key;
+  Check(env, device_->IpcExport(ArgPointer(info, 0, "devicePtr"), ArgIndex(info, 1, "length"), &key));
+  return Napi::String::New(env, key);
+}
+
+Napi::Value EngineWrap::DeviceIpcImport(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  engine(env);
+  if (info.Length() < 1 || !info[0].IsString()) Throw(env, Code::kBadArgument, "Expected a string IPC key");
+  DevicePtr p = 0;
+  size_t bytes = 0;
+  Check(env, device_->IpcImport(info[0].As<Napi::String>().Utf8Value(), &p, &bytes));
+  auto out = Napi::Object::New(env);
+  out.Set("ptr", Napi::BigInt::New(env, static_cast<uint64_t>(p)));
+  out.Set("length", Napi::Number::New(env, static_cast<double>(bytes)));
+  return out;
+}
+
+Napi::Value EngineWrap::DeviceIpcClose(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  engine(env);
+  Check(env, device_->IpcClose(ArgPointer(info, 0, "devicePtr")));
+  return env.Undefined();
+}
+
+Napi::Value EngineWrap::CreateStream(const Napi::CallbackInfo& info) {
+  engine(info.Env());
+  return State(info.Env())->stream_class.New({Value()});
+}
+
+Napi::Value EngineWrap::CreateEvent(const Napi::CallbackInfo& info) {
+  engine(info.Env());
+  return State(info.Env())->event_class.New({Value()});
+}
+
+}  // namespace epd

@@ -1,0 +1,54 @@
+// Addon entry: defines the classes and free functions lib/native.ts declares.
+#include <napi.h>
+
+#include "engine_binding.h"
+#include "shm.h"
+#include "util/napi_util.h"
+
+namespace epd {
+
+Napi::Value MemcpyBandwidth(const Napi::CallbackInfo& info);
+
+namespace {
+
+// setErrorClass(TransferError): errors built in C++ become instances of it.
+Napi::Value SetErrorClass(const Napi::CallbackInfo& info) {
+  if (info.Length() < 1 || !info[0].IsFunction()) {
+    Throw(info.Env(), Code::kBadArgument, "Expected a constructor for setErrorClass");
+  }
+  State(info.Env())->error_class = Napi::Persistent(info[0].As<Napi::Function>());
+  return info.Env().Undefined();
+}
+
+Napi::Value ReclaimStale(const Napi::CallbackInfo& info) {
+  int removed = 0;
+  Check(info.Env(), ReclaimStaleShm(&removed));
+  return Napi::Number::New(info.Env(), removed);
+}
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  auto* state = new AddonState();
+  env.SetInstanceData(state);  // deleted with the environment
+  Napi::Function engine = EngineWrap::Define(env);
+  Napi::Function stream = DefineStream(env);
+  Napi::Function event = DefineEvent(env);
+  state->engine_class = Napi::Persistent(engine);
+  state->stream_class = Napi::Persistent(stream);
+  state->event_class = Napi::Persistent(event);
+  exports.Set("NativeEngine", engine);
+  exports.Set("NativeStream", stream);
+  exports.Set("NativeEvent", event);
+  exports.Set("setErrorClass", Napi::Function::New<SetErrorClass>(env, "setErrorClass"));
+  exports.Set("reclaimStaleShm", Napi::Function::New<ReclaimStale>(env, "reclaimStaleShm"));
+  exports.Set("memcpyBandwidth", Napi::Function::New<MemcpyBandwidth>(env, "memcpyBandwidth"));
+  exports.Set("wireVersion", Napi::Number::New(env, EPD_TRANSFER_WIRE_VERSION));
+  exports.Set("napiVersion", Napi::Number::New(env, NAPI_VERSION));
+  return exports;
+}
+
+}  // namespace
+}  // namespace epd
+
+static Napi::Object InitModule(Napi::Env env, Napi::Object exports) { return epd::Init(env, exports); }
+
+NODE_API_MODULE(epd_transfer, InitModule)
