@@ -1,0 +1,522 @@
+/**
+ * TransferEngine: registered memory regions, peers found through the embedded
+ * handshake, and one-sided batch writes/reads into peers' regions.
+ *
+ * ```ts
+ * const engine = await TransferEngine.open();
+ * const src = engine.allocate(64 << 20);
+ * const peer = await engine.connect('127.0.0.1:7400');
+ * await engine.write(peer, [{ localRegion: src, localOffset: 0, remoteRegion: peer.regions[0], remoteOffset: 0, length: 1 << 20 }]);
+ * await engine.close();
+ * ```
+ */
+import { readFileSync } from 'node:fs';
+import os from 'node:os';
+import { Device } from './device.js';
+import { TransferError, isTransferError, withCallerStack } from './errors.js';
+import { ControlClient, ControlServer } from './meta/handshake.js';
+import { WIRE_VERSION, type SegmentDescriptor } from './meta/wire.js';
+import { addonPath, COUNTER_NAMES, native, type NativeEngine } from './native.js';
+import { badArgument, expectInteger, expectOptionalObject, expectString, expectTimeout } from './validate.js';
+
+/** Options of {@link TransferEngine.open}. */
+export interface EngineOptions {
+  /** Name peers see. Default `<hostname>-<pid>-<n>`. */
+  name?: string;
+  /** Control-port host to listen on. Default `127.0.0.1`. */
+  host?: string;
+  /** Control port. Default 0 (any free port; read it from `engine.address`). */
+  port?: number;
+  /** Listen for peers at all. Default true. An engine that only writes may say false. */
+  listen?: boolean;
+  /** Worker threads that move bytes. Default min(4, max(2, CPUs)). */
+  threads?: number;
+  /** Descriptors larger than this are split across threads. Default 1 MiB. */
+  chunkBytes?: number;
+  /** Device backend. Only `host` exists in this build. */
+  device?: 'host' | 'acl' | 'cuda';
+  /** Default deadline of a batch. Default 30 000 ms. */
+  timeoutMs?: number;
+  /** Deadline of `connect`. Default 5 000 ms. */
+  connectTimeoutMs?: number;
+  /** Remove shared-memory objects left by crashed engines on this host. Default true. */
+  reclaimStale?: boolean;
+}
+
+/** Options of a single {@link TransferEngine.write} / {@link TransferEngine.read}. */
+export interface TransferOptions {
+  /** Aborts the batch: it rejects with ERR_ABORTED once its workers have let go. */
+  signal?: AbortSignal;
+  /** Deadline in ms; the batch rejects with ERR_TIMEOUT. Default: the engine's `timeoutMs`. */
+  timeoutMs?: number;
+}
+
+export interface TransferResult {
+  /** Bytes moved. */
+  bytes: number;
+  descriptors: number;
+}
+
+/** A region of a connected peer. */
+export interface RemoteRegion {
+  id: number;
+  length: number;
+  kind: string;
+}
+
+/** One transfer: `length` bytes between a local region and a peer's region. */
+export interface Descriptor {
+  localRegion: Region | number;
+  localOffset: number;
+  remoteRegion: RemoteRegion | number;
+  remoteOffset: number;
+  length: number;
+}
+
+/** Live engine counters; reading one costs no native call. */
+export type EngineCounters = Readonly<Record<(typeof COUNTER_NAMES)[number], number>>;
+
+const STRIDE = 5;
+let engineSeq = 0;
+
+function readBootId(): string {
+  try {
+    return readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+  } catch {
+    return os.hostname();
+  }
+}
+
+/**
+ * Descriptors packed in one Float64Array (localRegion, localOffset, remoteRegion,
+ * remoteOffset, length). Build once, reuse: the engine copies it at submit time,
+ * so it may be cleared and refilled as soon as write()/read() returned.
+ */
+export class DescriptorBatch {
+  private buf: Float64Array;
+  private n = 0;
+
+  constructor(capacity = 64) {
+    this.buf = new Float64Array(Math.max(1, expectInteger(capacity, 'capacity', 1)) * STRIDE);
+  }
+
+  /** Appends a descriptor. */
+  add(localRegion: Region | number, localOffset: number, remoteRegion: RemoteRegion | number, remoteOffset: number, length: number): this {
+    if (this.n * STRIDE === this.buf.length) {
+      const next = new Float64Array(this.buf.length * 2);
+      next.set(this.buf);
+      this.buf = next;
+    }
+    const o = this.n * STRIDE;
+    this.buf[o] = typeof localRegion === 'number' ? localRegion : localRegion.id;
+    this.buf[o + 1] = localOffset;
+    this.buf[o + 2] = typeof remoteRegion === 'number' ? remoteRegion : remoteRegion.id;
+    this.buf[o + 3] = remoteOffset;
+    this.buf[o + 4] = length;
+    this.n++;
+    return this;
+  }
+
+  get length(): number {
+    return this.n;
+  }
+
+  /** Total bytes described. */
+  get bytes(): number {
+    let sum = 0;
+    for (let i = 0; i < this.n; i++) sum += this.buf[i * STRIDE + 4];
+    return sum;
+  }
+
+  clear(): this {
+    this.n = 0;
+    return this;
+  }
+
+  /** @internal */
+  get data(): Float64Array {
+    return this.buf;
+  }
+}
+
+function regionId(value: unknown, name: string): number {
+  if (value instanceof Region) return value.id;
+  if (typeof value === 'object' && value !== null && typeof (value as RemoteRegion).id === 'number') {
+    return expectInteger((value as RemoteRegion).id, `${name}.id`);
+  }
+  return expectInteger(value, name);
+}
+
+function pack(batch: unknown): { data: Float64Array; count: number } {
+  if (batch instanceof DescriptorBatch) {
+    if (batch.length === 0) badArgument('batch', 'a non-empty batch', batch);
+    return { data: batch.data, count: batch.length };
+  }
+  if (!Array.isArray(batch) || batch.length === 0) badArgument('batch', 'a non-empty array of descriptors or a DescriptorBatch', batch);
+  const data = new Float64Array(batch.length * STRIDE);
+  batch.forEach((d: unknown, i) => {
+    if (typeof d !== 'object' || d === null) badArgument(`batch[${i}]`, 'a descriptor object', d);
+    const x = d as Record<string, unknown>;
+    const o = i * STRIDE;
+    data[o] = regionId(x.localRegion, `batch[${i}].localRegion`);
+    data[o + 1] = expectInteger(x.localOffset, `batch[${i}].localOffset`);
+    data[o + 2] = regionId(x.remoteRegion, `batch[${i}].remoteRegion`);
+    data[o + 3] = expectInteger(x.remoteOffset, `batch[${i}].remoteOffset`);
+    data[o + 4] = expectInteger(x.length, `batch[${i}].length`, 1);
+  });
+  return { data, count: batch.length };
+}
+
+/** A registered local region. */
+export class Region {
+  /** @internal */
+  constructor(
+    private readonly engine: TransferEngine,
+    /** Id used in descriptors and advertised to peers. */
+    readonly id: number,
+    readonly length: number,
+    /** `host`: engine-allocated shared memory; `external`: caller's buffer; `device`: caller's device memory. */
+    readonly kind: 'host' | 'external' | 'device',
+    /** The bytes, when the CPU can address them (host and external regions). */
+    readonly buffer: Buffer | undefined,
+    /** Device regions: the device address. */
+    readonly devicePtr?: bigint,
+  ) {}
+
+  /**
+   * Unregisters the region. With `inFlight: 'wait'` (default) it resolves once
+   * batches touching it have completed; with `'fail'` those batches stop with
+   * ERR_REGION_FREED. New batches naming it fail at once. Its shared-memory name is
+   * removed immediately; the memory goes when the last user lets go.
+   */
+  free(options?: { inFlight?: 'wait' | 'fail' }): Promise<void> {
+    const opts = expectOptionalObject(options, 'options');
+    if (opts.inFlight !== undefined && opts.inFlight !== 'wait' && opts.inFlight !== 'fail') {
+      badArgument('options.inFlight', '"wait" or "fail"', opts.inFlight);
+    }
+    return this.engine._free(this, opts.inFlight === 'fail');
+  }
+}
+
+/** A connected peer engine. */
+export class Peer {
+  private lostError: TransferError | null = null;
+
+  /** @internal */
+  constructor(
+    /** @internal */ readonly engine: TransferEngine,
+    /** @internal */ readonly nativeId: number,
+    readonly address: string,
+    private segment: SegmentDescriptor,
+    private readonly client: ControlClient,
+  ) {}
+
+  get name(): string {
+    return this.segment.name;
+  }
+
+  get pid(): number {
+    return this.segment.pid;
+  }
+
+  /** The peer's shareable regions as of the last handshake or refresh. */
+  get regions(): RemoteRegion[] {
+    return this.segment.regions.map((r) => ({ id: r.id, length: r.length, kind: r.kind }));
+  }
+
+  /** Set once the peer is gone; batches to it fail with this error's code. */
+  get lost(): TransferError | null {
+    return this.lostError;
+  }
+
+  /** Fetches the peer's region list again (e.g. after it allocated more). */
+  async refresh(timeoutMs = 5_000): Promise<void> {
+    if (this.lostError) throw this.lostError;
+    this.segment = await this.client.refresh(expectTimeout(timeoutMs, 'timeoutMs'));
+    this.engine._updatePeer(this, this.segment);
+  }
+
+  /** Closes the control connection; in-flight batches to this peer fail with ERR_PEER_LOST. */
+  disconnect(): void {
+    this.client.close();
+  }
+
+  /** @internal */
+  _markLost(err: TransferError): void {
+    if (!this.lostError) this.lostError = err;
+  }
+}
+
+/** Moves bytes between registered regions of engines in different processes. */
+export class TransferEngine {
+  /** Engine name peers see. */
+  readonly name: string;
+  /** The engine's device (memory, streams, events, IPC). */
+  readonly device: Device;
+  /** Live counters. */
+  readonly counters: EngineCounters;
+
+  private readonly native: NativeEngine;
+  private readonly inflight = new Set<Promise<unknown>>();
+  private readonly peers = new Map<string, Peer>();
+  private readonly bootId = readBootId();
+  private readonly registry = new FinalizationRegistry<number>((id) => {
+    if (!this.closed) this.native.free(id, true).catch(() => {});
+  });
+  private closing: Promise<void> | null = null;
+  private closed = false;
+
+  private constructor(
+    private readonly options: Required<Pick<EngineOptions, 'threads' | 'chunkBytes' | 'timeoutMs' | 'connectTimeoutMs'>>,
+    name: string,
+    private server: ControlServer | null,
+  ) {
+    this.name = name;
+    this.native = new native.NativeEngine({ threads: options.threads, chunkBytes: options.chunkBytes });
+    this.device = new Device(this.native, 'host');
+    const view = this.native.counters();
+    const counters = {} as Record<string, number>;
+    COUNTER_NAMES.forEach((key, i) => Object.defineProperty(counters, key, { get: () => Number(view[i]), enumerable: true }));
+    this.counters = Object.freeze(counters) as EngineCounters;
+  }
+
+  /** Opens an engine and (unless `listen: false`) its control port. */
+  static async open(options?: EngineOptions): Promise<TransferEngine> {
+    const o = expectOptionalObject(options, 'options') as EngineOptions;
+    const device = o.device ?? 'host';
+    if (device !== 'host') {
+      if (device === 'acl' || device === 'cuda') {
+        throw new TransferError(`device backend '${device}' is not built into this version of epd-transfer`, 'ERR_BACKEND_UNAVAILABLE');
+      }
+      badArgument('options.device', '"host", "acl" or "cuda"', device);
+    }
+    const cpus = os.availableParallelism?.() ?? os.cpus().length;
+    const resolved = {
+      threads: o.threads === undefined ? Math.min(4, Math.max(2, cpus)) : expectInteger(o.threads, 'options.threads', 1, 64),
+      chunkBytes: o.chunkBytes === undefined ? 1 << 20 : expectInteger(o.chunkBytes, 'options.chunkBytes', 4096),
+      timeoutMs: o.timeoutMs === undefined ? 30_000 : expectTimeout(o.timeoutMs, 'options.timeoutMs'),
+      connectTimeoutMs: o.connectTimeoutMs === undefined ? 5_000 : expectTimeout(o.connectTimeoutMs, 'options.connectTimeoutMs'),
+    };
+    const name = o.name === undefined ? `${os.hostname()}-${process.pid}-${engineSeq++}` : expectString(o.name, 'options.name');
+    const host = o.host === undefined ? '127.0.0.1' : expectString(o.host, 'options.host');
+    const port = o.port === undefined ? 0 : expectInteger(o.port, 'options.port', 0, 65535);
+    if (o.reclaimStale !== false) native.reclaimStaleShm();
+    const engine = new TransferEngine(resolved, name, null);
+    if (o.listen !== false) {
+      try {
+        engine.server = await ControlServer.listen({ host, port, describe: () => engine.describe() });
+      } catch (err) {
+        engine.native.close();
+        throw err;
+      }
+    }
+    return engine;
+  }
+
+  /** "host:port" of the control port peers connect to (undefined with `listen: false`). */
+  get address(): string | undefined {
+    return this.server?.address;
+  }
+
+  /** What this engine can do. */
+  capabilities(): { device: string; transports: string[]; threads: number; chunkBytes: number; wireVersion: number; napiVersion: number; addon: string } {
+    return {
+      device: this.device.kind,
+      transports: ['shm'],
+      threads: this.options.threads,
+      chunkBytes: this.options.chunkBytes,
+      wireVersion: WIRE_VERSION,
+      napiVersion: native.napiVersion,
+      addon: addonPath,
+    };
+  }
+
+  /** Number of batches in flight. */
+  get inFlight(): number {
+    return this.inflight.size;
+  }
+
+  /**
+   * Allocates a host region in POSIX shared memory, so peers on this host can
+   * write and read it directly. `prefault` (default true) touches the pages now.
+   */
+  allocate(bytes: number, options?: { prefault?: boolean }): Region {
+    this.assertOpen();
+    const length = expectInteger(bytes, 'bytes', 1);
+    const opts = expectOptionalObject(options, 'options');
+    const r = this.native.allocate(length, opts.prefault !== false);
+    return this.track(new Region(this, r.id, length, 'host', r.buffer));
+  }
+
+  /**
+   * Registers memory the caller owns: a Buffer / TypedArray / ArrayBuffer (pinned
+   * until the region is freed), or device memory `{ devicePtr, length }`.
+   * External buffers can be the local side of a transfer; peers cannot map them.
+   */
+  register(memory: ArrayBufferView | ArrayBuffer | { devicePtr: bigint; length: number }): Region {
+    this.assertOpen();
+    if (ArrayBuffer.isView(memory) || memory instanceof ArrayBuffer) {
+      const view = ArrayBuffer.isView(memory)
+        ? Buffer.from(memory.buffer, memory.byteOffset, memory.byteLength)
+        : Buffer.from(memory);
+      if (view.length === 0) badArgument('memory', 'a non-empty buffer', memory);
+      const id = this.native.register(memory);
+      return this.track(new Region(this, id, view.length, 'external', view));
+    }
+    if (typeof memory === 'object' && memory !== null && 'devicePtr' in memory) {
+      if (typeof memory.devicePtr !== 'bigint') badArgument('memory.devicePtr', 'a bigint', memory.devicePtr);
+      const length = expectInteger(memory.length, 'memory.length', 1);
+      const id = this.native.registerDevice(memory.devicePtr, length);
+      return this.track(new Region(this, id, length, 'device', undefined, memory.devicePtr));
+    }
+    return badArgument('memory', 'a Buffer, TypedArray, ArrayBuffer or { devicePtr, length }', memory);
+  }
+
+  /**
+   * Connects to the engine listening at `address` ("host:port") and fetches its
+   * segment descriptor. A live connection to the same address is reused.
+   */
+  async connect(address: string, options?: { timeoutMs?: number }): Promise<Peer> {
+    this.assertOpen();
+    expectString(address, 'address');
+    const opts = expectOptionalObject(options, 'options');
+    const timeoutMs = opts.timeoutMs === undefined ? this.options.connectTimeoutMs : expectTimeout(opts.timeoutMs, 'options.timeoutMs');
+    const existing = this.peers.get(address);
+    if (existing && !existing.lost) return existing;
+    const { client, segment } = await ControlClient.connect(address, timeoutMs);
+    if (this.closed || this.closing) {
+      client.close();
+      throw new TransferError('engine is closed', 'ERR_CLOSED');
+    }
+    if (segment.bootId !== this.bootId) {
+      client.close();
+      throw new TransferError(
+        `peer '${segment.name}' at ${address} is on another host; the shm transport reaches only this host`,
+        'ERR_BACKEND_UNAVAILABLE',
+      );
+    }
+    let id: number;
+    try {
+      id = this.native.addPeer(segment.name, segment.pid, segment.regions);
+    } catch (err) {
+      client.close();
+      throw err;
+    }
+    const peer = new Peer(this, id, address, segment, client);
+    this.peers.set(address, peer);
+    client.onClose((err) => {
+      peer._markLost(err);
+      if (!this.closed) this.native.dropPeer(id, 'ERR_PEER_LOST', false);
+    });
+    return peer;
+  }
+
+  /** Writes (pushes) local bytes into the peer's regions. Resolves once every byte landed. */
+  write(peer: Peer, batch: Descriptor[] | DescriptorBatch, options?: TransferOptions): Promise<TransferResult> {
+    return this.transfer(0, peer, batch, options, new Error());
+  }
+
+  /** Reads (pulls) bytes from the peer's regions into local regions. */
+  read(peer: Peer, batch: Descriptor[] | DescriptorBatch, options?: TransferOptions): Promise<TransferResult> {
+    return this.transfer(1, peer, batch, options, new Error());
+  }
+
+  /**
+   * Stops accepting work, waits up to `timeoutMs` (default 10 s) for in-flight
+   * batches, fails the rest with ERR_CLOSED, then releases every region (their
+   * shared-memory objects are removed), peer and thread. Idempotent.
+   */
+  close(options?: { timeoutMs?: number }): Promise<void> {
+    if (this.closing) return this.closing;
+    const opts = expectOptionalObject(options, 'options');
+    const timeoutMs = opts.timeoutMs === undefined ? 10_000 : expectTimeout(opts.timeoutMs, 'options.timeoutMs');
+    this.closing = (async () => {
+      if (this.inflight.size > 0) {
+        let timer: NodeJS.Timeout | undefined;
+        await Promise.race([
+          Promise.allSettled([...this.inflight]),
+          new Promise((resolve) => {
+            timer = setTimeout(resolve, timeoutMs);
+          }),
+        ]);
+        clearTimeout(timer);
+      }
+      this.closed = true;
+      this.native.close();
+      for (const peer of this.peers.values()) peer.disconnect();
+      this.peers.clear();
+      await this.server?.close();
+    })();
+    return this.closing;
+  }
+
+  /** @internal */
+  _free(region: Region, failInFlight: boolean): Promise<void> {
+    this.assertOpen();
+    this.registry.unregister(region);
+    return this.native.free(region.id, failInFlight);
+  }
+
+  /** @internal */
+  _updatePeer(peer: Peer, segment: SegmentDescriptor): void {
+    this.assertOpen();
+    this.native.updatePeer(peer.nativeId, segment.regions);
+  }
+
+  private track(region: Region): Region {
+    this.registry.register(region, region.id, region);
+    return region;
+  }
+
+  private describe(): SegmentDescriptor {
+    return {
+      name: this.name,
+      pid: process.pid,
+      bootId: this.bootId,
+      hostname: os.hostname(),
+      transports: ['shm'],
+      regions: this.closed ? [] : this.native.segment().map((r) => ({ ...r, kind: r.kind ?? 'host' })),
+    };
+  }
+
+  private assertOpen(): void {
+    if (this.closed || this.closing) throw new TransferError('engine is closed', 'ERR_CLOSED');
+  }
+
+  private async transfer(op: 0 | 1, peer: Peer, batch: unknown, options: TransferOptions | undefined, caller: Error): Promise<TransferResult> {
+    this.assertOpen();
+    if (!(peer instanceof Peer) || peer.engine !== this) badArgument('peer', "a Peer returned by this engine's connect()", peer);
+    const { data, count } = pack(batch);
+    const opts = expectOptionalObject(options, 'options');
+    const timeoutMs = opts.timeoutMs === undefined ? this.options.timeoutMs : expectTimeout(opts.timeoutMs, 'options.timeoutMs');
+    const signal = opts.signal;
+    if (signal !== undefined && !(signal instanceof AbortSignal)) badArgument('options.signal', 'an AbortSignal', signal);
+    if (signal?.aborted) throw new TransferError('batch was aborted before it started', 'ERR_ABORTED');
+
+    let submitted: [number, Promise<number>];
+    try {
+      submitted = this.native.submit(op, peer.nativeId, data, count);
+    } catch (err) {
+      // The peer may have registered the region after we connected: refresh once.
+      if (!isTransferError(err, 'ERR_UNKNOWN_REGION') || !/remoteRegion/.test(err.message) || peer.lost) throw err;
+      await peer.refresh();
+      this.assertOpen();
+      submitted = this.native.submit(op, peer.nativeId, data, count);
+    }
+    const [batchId, done] = submitted;
+    const timer = setTimeout(() => this.native.abort(batchId, 'ERR_TIMEOUT'), timeoutMs);
+    const onAbort = () => this.native.abort(batchId, 'ERR_ABORTED');
+    signal?.addEventListener('abort', onAbort, { once: true });
+    this.inflight.add(done);
+    try {
+      const bytes = await done;
+      return { bytes, descriptors: count };
+    } catch (err) {
+      throw withCallerStack(err, caller);
+    } finally {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', onAbort);
+      this.inflight.delete(done);
+    }
+  }
+}

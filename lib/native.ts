@@ -1,0 +1,121 @@
+/**
+ * The one seam to the C++ addon: loads it (node-gyp-build: a prebuild when one
+ * matches, else the local source build) and declares its surface with types.
+ * Nothing else in lib/ loads native code.
+ *
+ * Environment:
+ * - `EPD_TRANSFER_ADDON=/path/to/addon.node` loads that exact file (sanitizer or
+ *   cmake-js builds).
+ * - `PREBUILDS_ONLY=1` (node-gyp-build) refuses the local build and loads only from
+ *   `prebuilds/`.
+ */
+import { existsSync, readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { TransferError } from './errors.js';
+
+/** A region of a peer as its segment descriptor lists it. */
+export interface NativeRegionSpec {
+  id: number;
+  length: number;
+  kind?: string;
+  /** POSIX shm object that holds the region (host regions). */
+  shm?: string;
+  /** Offset of the region inside `shm`. */
+  offset?: number;
+  /** Device IPC key (device regions). */
+  ipcKey?: string;
+}
+
+export interface NativeStream {
+  copy(dst: bigint, src: bigint, bytes: number): void;
+  waitEvent(event: NativeEvent): void;
+  sleep(micros: number): void;
+  synchronize(timeoutMs: number): Promise<void>;
+  destroy(): void;
+}
+
+export interface NativeEvent {
+  record(stream: NativeStream): void;
+  query(): boolean;
+  synchronize(timeoutMs: number): Promise<void>;
+  destroy(): void;
+}
+
+export interface NativeEngine {
+  allocate(bytes: number, prefault: boolean): { id: number; buffer: Buffer; shm: string };
+  register(bytes: ArrayBufferView | ArrayBuffer): number;
+  registerDevice(ptr: bigint, length: number): number;
+  free(id: number, failInFlight: boolean): Promise<void>;
+  segment(): NativeRegionSpec[];
+  addPeer(name: string, pid: number, regions: NativeRegionSpec[]): number;
+  updatePeer(id: number, regions: NativeRegionSpec[]): void;
+  dropPeer(id: number, code: string, remove: boolean): void;
+  /** op 0 = write, 1 = read. Returns [batchId, promise of bytes moved]. */
+  submit(op: 0 | 1, peer: number, descriptors: Float64Array, count: number): [number, Promise<number>];
+  abort(batchId: number, code: string): void;
+  counters(): BigUint64Array;
+  inFlight(): number;
+  close(): void;
+  deviceAlloc(bytes: number): bigint;
+  deviceFree(ptr: bigint): void;
+  deviceWrite(ptr: bigint, bytes: ArrayBufferView): void;
+  deviceRead(target: ArrayBufferView, ptr: bigint): void;
+  deviceIpcExport(ptr: bigint, length: number): string;
+  deviceIpcImport(key: string): { ptr: bigint; length: number };
+  deviceIpcClose(ptr: bigint): void;
+  createStream(): NativeStream;
+  createEvent(): NativeEvent;
+}
+
+export interface NativeBinding {
+  NativeEngine: new (options: { threads: number; chunkBytes: number }) => NativeEngine;
+  setErrorClass(ctor: typeof TransferError): void;
+  reclaimStaleShm(): number;
+  memcpyBandwidth(dst: ArrayBufferView, src: ArrayBufferView, blockBytes: number, minMillis: number): number;
+  wireVersion: number;
+  napiVersion: number;
+}
+
+/** Order of the counters in `NativeEngine.counters()`. */
+export const COUNTER_NAMES = [
+  'bytesWritten',
+  'bytesRead',
+  'batchesSubmitted',
+  'batchesCompleted',
+  'batchesFailed',
+  'batchesInFlight',
+  'bytesInFlight',
+  'descriptors',
+] as const;
+
+/** The package root (where package.json and binding.gyp live), from src or dist. */
+export function packageRoot(): string {
+  let dir = path.dirname(fileURLToPath(import.meta.url));
+  for (;;) {
+    const pkg = path.join(dir, 'package.json');
+    if (existsSync(pkg) && JSON.parse(readFileSync(pkg, 'utf8')).name === 'epd-transfer') return dir;
+    const up = path.dirname(dir);
+    if (up === dir) throw new Error('epd-transfer: cannot find the package root');
+    dir = up;
+  }
+}
+
+function load(): { binding: NativeBinding; file: string } {
+  const require = createRequire(import.meta.url);
+  const explicit = process.env.EPD_TRANSFER_ADDON;
+  if (explicit) return { binding: require(path.resolve(explicit)) as NativeBinding, file: path.resolve(explicit) };
+  const gypBuild = require('node-gyp-build') as ((dir: string) => NativeBinding) & { resolve(dir: string): string };
+  const root = packageRoot();
+  return { binding: gypBuild(root), file: gypBuild.resolve(root) };
+}
+
+const loaded = load();
+
+/** The loaded addon. */
+export const native: NativeBinding = loaded.binding;
+/** Path of the addon file that was loaded (prebuild, local build or EPD_TRANSFER_ADDON). */
+export const addonPath: string = loaded.file;
+
+native.setErrorClass(TransferError);
