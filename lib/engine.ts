@@ -14,7 +14,7 @@ import { readFileSync } from 'node:fs';
 import os from 'node:os';
 import { Device } from './device.js';
 import { TransferError, isTransferError, withCallerStack } from './errors.js';
-import { ControlClient, ControlServer } from './meta/handshake.js';
+import { ControlClient, ControlServer, type RequestHandler } from './meta/handshake.js';
 import { WIRE_VERSION, type SegmentDescriptor } from './meta/wire.js';
 import { addonPath, COUNTER_NAMES, native, type NativeEngine } from './native.js';
 import { badArgument, expectInteger, expectOptionalObject, expectString, expectTimeout } from './validate.js';
@@ -236,6 +236,20 @@ export class Peer {
     this.engine._updatePeer(this, this.segment);
   }
 
+  /**
+   * Sends a control request to the peer's handler for `topic` (see
+   * {@link TransferEngine.handle}) over the control connection and resolves with
+   * its answer. Rejects with the handler's error code, ERR_NO_HANDLER,
+   * ERR_TIMEOUT (default 5 s) or ERR_PEER_LOST.
+   */
+  request(topic: string, body: unknown, options?: { timeoutMs?: number }): Promise<unknown> {
+    expectString(topic, 'topic');
+    const opts = expectOptionalObject(options, 'options');
+    const timeoutMs = opts.timeoutMs === undefined ? 5_000 : expectTimeout(opts.timeoutMs, 'options.timeoutMs');
+    if (this.lostError) return Promise.reject(this.lostError);
+    return this.client.call(topic, body, timeoutMs);
+  }
+
   /** Closes the control connection; in-flight batches to this peer fail with ERR_PEER_LOST. */
   disconnect(): void {
     this.client.close();
@@ -259,6 +273,7 @@ export class TransferEngine {
   private readonly native: NativeEngine;
   private readonly inflight = new Set<Promise<unknown>>();
   private readonly peers = new Map<string, Peer>();
+  private readonly handlers = new Map<string, RequestHandler>();
   private readonly bootId = readBootId();
   private readonly registry = new FinalizationRegistry<number>((id) => {
     if (!this.closed) this.native.free(id, true).catch(() => {});
@@ -304,7 +319,7 @@ export class TransferEngine {
     const engine = new TransferEngine(resolved, name, null);
     if (o.listen !== false) {
       try {
-        engine.server = await ControlServer.listen({ host, port, describe: () => engine.describe() });
+        engine.server = await ControlServer.listen({ host, port, describe: () => engine.describe(), handlers: engine.handlers });
       } catch (err) {
         engine.native.close();
         throw err;
@@ -383,7 +398,7 @@ export class TransferEngine {
     const timeoutMs = opts.timeoutMs === undefined ? this.options.connectTimeoutMs : expectTimeout(opts.timeoutMs, 'options.timeoutMs');
     const existing = this.peers.get(address);
     if (existing && !existing.lost) return existing;
-    const { client, segment } = await ControlClient.connect(address, timeoutMs);
+    const { client, segment } = await ControlClient.connect(address, timeoutMs, { name: this.name });
     if (this.closed || this.closing) {
       client.close();
       throw new TransferError('engine is closed', 'ERR_CLOSED');
@@ -409,6 +424,22 @@ export class TransferEngine {
       if (!this.closed) this.native.dropPeer(id, 'ERR_PEER_LOST', false);
     });
     return peer;
+  }
+
+  /**
+   * Answers control requests for `topic` from connected peers ({@link Peer.request}).
+   * The handler's return value (JSON) is sent back; a thrown TransferError's code
+   * reaches the caller. Returns a function that removes the handler.
+   */
+  handle(topic: string, handler: RequestHandler): () => void {
+    this.assertOpen();
+    expectString(topic, 'topic');
+    if (typeof handler !== 'function') badArgument('handler', 'a function', handler);
+    if (this.handlers.has(topic)) throw new TransferError(`a handler for '${topic}' is already registered`, 'ERR_BAD_ARGUMENT');
+    this.handlers.set(topic, handler);
+    return () => {
+      if (this.handlers.get(topic) === handler) this.handlers.delete(topic);
+    };
   }
 
   /** Writes (pushes) local bytes into the peer's regions. Resolves once every byte landed. */

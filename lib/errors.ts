@@ -20,6 +20,8 @@ export type ErrorCode =
   | 'ERR_PROTOCOL_VERSION'
   | 'ERR_PROTOCOL'
   | 'ERR_CONNECT'
+  | 'ERR_NO_HANDLER'
+  | 'ERR_REMOTE'
   | 'ERR_SYSTEM';
 
 /** An error with a machine-readable {@link ErrorCode}. Also constructed by the native addon. */

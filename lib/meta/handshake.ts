@@ -5,14 +5,25 @@
  * same connection serves refreshes (GET_SEGMENT).
  */
 import net from 'node:net';
-import { TransferError } from '../errors.js';
+import { TransferError, type ErrorCode } from '../errors.js';
 import { encodeFrame, FrameDecoder, MessageType, WIRE_VERSION, type Frame, type SegmentDescriptor } from './wire.js';
+
+/** Who sent a control request. */
+export interface RequestContext {
+  /** The peer's engine name, from its HELLO. */
+  peer: string;
+}
+
+/** Answers one control-request topic. Throwing a TransferError sends its code back. */
+export type RequestHandler = (body: unknown, context: RequestContext) => unknown | Promise<unknown>;
 
 export interface ControlServerOptions {
   host: string;
   port: number;
   /** Builds the current descriptor at request time. */
   describe(): SegmentDescriptor;
+  /** Handlers of control requests by topic. */
+  handlers?: Map<string, RequestHandler>;
 }
 
 /** Serves this engine's segment descriptor on host:port. */
@@ -55,6 +66,7 @@ export class ControlServer {
     socket.setNoDelay(true);
     const decoder = new FrameDecoder();
     let greeted = false;
+    let peerName = '';
     const fail = (code: string, message: string) => {
       socket.end(encodeFrame(MessageType.Error, { code, message }));
       socket.destroySoon();
@@ -74,9 +86,13 @@ export class ControlServer {
         }
         if (f.type === MessageType.Hello) {
           greeted = true;
+          const hello = (f.body ?? {}) as { name?: unknown };
+          peerName = typeof hello.name === 'string' ? hello.name : '';
           socket.write(encodeFrame(MessageType.Segment, this.options.describe()));
         } else if (f.type === MessageType.GetSegment && greeted) {
           socket.write(encodeFrame(MessageType.Segment, this.options.describe()));
+        } else if (f.type === MessageType.Request && greeted) {
+          this.answer(socket, f.body, peerName);
         } else {
           fail('ERR_PROTOCOL', `unexpected control message type ${f.type}`);
           return;
@@ -85,6 +101,33 @@ export class ControlServer {
     });
     socket.on('error', () => socket.destroy());
     socket.on('close', () => this.sockets.delete(socket));
+  }
+
+  private answer(socket: net.Socket, raw: unknown, peer: string): void {
+    const req = (raw ?? {}) as { id?: unknown; topic?: unknown; body?: unknown };
+    if (typeof req.id !== 'number' || typeof req.topic !== 'string') {
+      socket.end(encodeFrame(MessageType.Error, { code: 'ERR_PROTOCOL', message: 'malformed request' }));
+      socket.destroySoon();
+      return;
+    }
+    const id = req.id;
+    const handler = this.options.handlers?.get(req.topic);
+    const reply = (body: unknown) => {
+      if (!socket.destroyed) socket.write(encodeFrame(MessageType.Response, body));
+    };
+    if (!handler) {
+      reply({ id, ok: false, code: 'ERR_NO_HANDLER', message: `no handler for topic '${req.topic}'` });
+      return;
+    }
+    Promise.resolve()
+      .then(() => handler(req.body, { peer }))
+      .then(
+        (body) => reply({ id, ok: true, body: body ?? null }),
+        (err: unknown) => {
+          const e = err as { code?: unknown; message?: unknown };
+          reply({ id, ok: false, code: typeof e?.code === 'string' ? e.code : 'ERR_REMOTE', message: String(e?.message ?? err) });
+        },
+      );
   }
 
   async close(): Promise<void> {
@@ -99,6 +142,8 @@ export class ControlClient {
   private waiter: { resolve(d: SegmentDescriptor): void; reject(e: Error): void } | null = null;
   private closedError: TransferError | null = null;
   private closeListeners: Array<(err: TransferError) => void> = [];
+  private nextRequestId = 1;
+  private readonly requests = new Map<number, { resolve(v: unknown): void; reject(e: Error): void; timer: NodeJS.Timeout }>();
 
   private constructor(private readonly socket: net.Socket, readonly address: string) {
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
@@ -107,7 +152,11 @@ export class ControlClient {
   }
 
   /** Connects and fetches the peer's segment descriptor. */
-  static async connect(address: string, timeoutMs: number): Promise<{ client: ControlClient; segment: SegmentDescriptor }> {
+  static async connect(
+    address: string,
+    timeoutMs: number,
+    hello: { name?: string } = {},
+  ): Promise<{ client: ControlClient; segment: SegmentDescriptor }> {
     const { host, port } = parseAddress(address);
     const socket = net.connect({ host, port });
     socket.setNoDelay(true);
@@ -128,7 +177,7 @@ export class ControlClient {
     connected.catch(() => {});
     try {
       await Promise.race([connected, timeout]);
-      const segment = await Promise.race([client.request(MessageType.Hello, { version: WIRE_VERSION }), timeout]);
+      const segment = await Promise.race([client.request(MessageType.Hello, { version: WIRE_VERSION, ...hello }), timeout]);
       socket.setKeepAlive(true, 1000);
       return { client, segment };
     } catch (err) {
@@ -148,6 +197,24 @@ export class ControlClient {
     return this.request(MessageType.GetSegment, {}).finally(() => clearTimeout(timer));
   }
 
+  /**
+   * Sends a control request to the peer's handler for `topic` and resolves with its
+   * answer. Rejects with the handler's error code, ERR_TIMEOUT after `timeoutMs`, or
+   * ERR_PEER_LOST if the connection ends first.
+   */
+  call(topic: string, body: unknown, timeoutMs: number): Promise<unknown> {
+    if (this.closedError) return Promise.reject(this.closedError);
+    const id = this.nextRequestId++;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.requests.delete(id);
+        reject(new TransferError(`request '${topic}' to ${this.address} timed out after ${timeoutMs} ms`, 'ERR_TIMEOUT'));
+      }, timeoutMs);
+      this.requests.set(id, { resolve, reject, timer });
+      this.socket.write(encodeFrame(MessageType.Request, { id, topic, body }));
+    });
+  }
+
   /** Calls `listener` once when the connection ends, with the reason. */
   onClose(listener: (err: TransferError) => void): void {
     if (this.closedError) listener(this.closedError);
@@ -159,6 +226,11 @@ export class ControlClient {
     this.closedError = err;
     this.waiter?.reject(err);
     this.waiter = null;
+    for (const r of this.requests.values()) {
+      clearTimeout(r.timer);
+      r.reject(err);
+    }
+    this.requests.clear();
     const listeners = this.closeListeners;
     this.closeListeners = [];
     for (const l of listeners) l(err);
@@ -186,6 +258,20 @@ export class ControlClient {
     });
   }
 
+  private settle(raw: unknown): void {
+    const res = (raw ?? {}) as { id?: unknown; ok?: unknown; body?: unknown; code?: unknown; message?: unknown };
+    const pending = typeof res.id === 'number' ? this.requests.get(res.id) : undefined;
+    if (!pending) return; // timed out already
+    this.requests.delete(res.id as number);
+    clearTimeout(pending.timer);
+    if (res.ok === true) {
+      pending.resolve(res.body);
+    } else {
+      const code = typeof res.code === 'string' && REMOTE_CODES.has(res.code) ? res.code : 'ERR_REMOTE';
+      pending.reject(new TransferError(`peer ${this.address}: ${String(res.message ?? 'request failed')}`, code as ErrorCode));
+    }
+  }
+
   private onData(chunk: Buffer): void {
     let frames: Frame[];
     try {
@@ -195,6 +281,10 @@ export class ControlClient {
       return;
     }
     for (const f of frames) {
+      if (f.type === MessageType.Response && f.version === WIRE_VERSION) {
+        this.settle(f.body);
+        continue;
+      }
       const waiter = this.waiter;
       this.waiter = null;
       if (f.type === MessageType.Error) {
@@ -217,6 +307,12 @@ export class ControlClient {
     }
   }
 }
+
+/** Codes a remote handler may send back that keep their meaning here. */
+const REMOTE_CODES = new Set([
+  'ERR_BAD_ARGUMENT', 'ERR_OUT_OF_RANGE', 'ERR_UNKNOWN_REGION', 'ERR_CLOSED', 'ERR_ABORTED', 'ERR_TIMEOUT',
+  'ERR_PEER_LOST', 'ERR_NOT_SHAREABLE', 'ERR_BACKEND_UNAVAILABLE', 'ERR_NO_HANDLER', 'ERR_REMOTE',
+]);
 
 /** Splits "host:port" or "[v6]:port". */
 export function parseAddress(address: string): { host: string; port: number } {

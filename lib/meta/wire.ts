@@ -23,6 +23,10 @@ export enum MessageType {
   Segment = 2,
   Error = 3,
   GetSegment = 4,
+  /** Client -> server: { id, topic, body }. */
+  Request = 5,
+  /** Server -> client: { id, ok: true, body } or { id, ok: false, code, message }. */
+  Response = 6,
 }
 
 export interface Frame {
