@@ -16,6 +16,7 @@ import { Device } from './device.js';
 import { TransferError, isTransferError, withCallerStack } from './errors.js';
 import { ControlClient, ControlServer, type RequestHandler } from './meta/handshake.js';
 import { WIRE_VERSION, type SegmentDescriptor } from './meta/wire.js';
+import { resolveLink, type LinkOptions, type NativeLinkSpec } from './link.js';
 import { addonPath, COUNTER_NAMES, native, type NativeEngine } from './native.js';
 import { badArgument, expectInteger, expectOptionalObject, expectString, expectTimeout } from './validate.js';
 
@@ -41,6 +42,20 @@ export interface EngineOptions {
   connectTimeoutMs?: number;
   /** Remove shared-memory objects left by crashed engines on this host. Default true. */
   reclaimStale?: boolean;
+  /**
+   * Emulate a link to every peer of this engine (each peer gets its own link):
+   * real transfers are paced to `{ bandwidth, latency, jitter, seed }`, with optional
+   * fault injection. See {@link LinkOptions} and docs/TCP.md. Default: none.
+   */
+  link?: LinkOptions;
+}
+
+/** Options of {@link TransferEngine.connect}. */
+export interface ConnectOptions {
+  /** Deadline of the handshake. Default: the engine's `connectTimeoutMs`. */
+  timeoutMs?: number;
+  /** Emulated link to this peer; replaces the engine's `link` option. */
+  link?: LinkOptions;
 }
 
 /** Options of a single {@link TransferEngine.write} / {@link TransferEngine.read}. */
@@ -282,7 +297,9 @@ export class TransferEngine {
   private closed = false;
 
   private constructor(
-    private readonly options: Required<Pick<EngineOptions, 'threads' | 'chunkBytes' | 'timeoutMs' | 'connectTimeoutMs'>>,
+    private readonly options: Required<Pick<EngineOptions, 'threads' | 'chunkBytes' | 'timeoutMs' | 'connectTimeoutMs'>> & {
+      link?: NativeLinkSpec;
+    },
     name: string,
     private server: ControlServer | null,
   ) {
@@ -311,6 +328,7 @@ export class TransferEngine {
       chunkBytes: o.chunkBytes === undefined ? 1 << 20 : expectInteger(o.chunkBytes, 'options.chunkBytes', 4096),
       timeoutMs: o.timeoutMs === undefined ? 30_000 : expectTimeout(o.timeoutMs, 'options.timeoutMs'),
       connectTimeoutMs: o.connectTimeoutMs === undefined ? 5_000 : expectTimeout(o.connectTimeoutMs, 'options.connectTimeoutMs'),
+      link: resolveLink(o.link, 'options.link'),
     };
     const name = o.name === undefined ? `${os.hostname()}-${process.pid}-${engineSeq++}` : expectString(o.name, 'options.name');
     const host = o.host === undefined ? '127.0.0.1' : expectString(o.host, 'options.host');
@@ -389,15 +407,23 @@ export class TransferEngine {
 
   /**
    * Connects to the engine listening at `address` ("host:port") and fetches its
-   * segment descriptor. A live connection to the same address is reused.
+   * segment descriptor. A live connection to the same address with the same
+   * options is reused; a lost one is replaced.
    */
-  async connect(address: string, options?: { timeoutMs?: number }): Promise<Peer> {
+  async connect(address: string, options?: ConnectOptions): Promise<Peer> {
     this.assertOpen();
     expectString(address, 'address');
-    const opts = expectOptionalObject(options, 'options');
+    const opts = expectOptionalObject(options, 'options') as ConnectOptions;
     const timeoutMs = opts.timeoutMs === undefined ? this.options.connectTimeoutMs : expectTimeout(opts.timeoutMs, 'options.timeoutMs');
-    const existing = this.peers.get(address);
+    const link = opts.link === undefined ? this.options.link : resolveLink(opts.link, 'options.link');
+    const key = `${address}|${JSON.stringify(link ?? null)}`;
+    const existing = this.peers.get(key);
     if (existing && !existing.lost) return existing;
+    if (existing) {
+      // Its native state (connections, link) goes now, not with the engine.
+      this.peers.delete(key);
+      this.native.dropPeer(existing.nativeId, 'ERR_PEER_LOST', true);
+    }
     const { client, segment } = await ControlClient.connect(address, timeoutMs, { name: this.name });
     if (this.closed || this.closing) {
       client.close();
@@ -412,13 +438,13 @@ export class TransferEngine {
     }
     let id: number;
     try {
-      id = this.native.addPeer(segment.name, segment.pid, segment.regions);
+      id = this.native.addPeer(segment.name, segment.pid, segment.regions, { transport: 'shm', link });
     } catch (err) {
       client.close();
       throw err;
     }
     const peer = new Peer(this, id, address, segment, client);
-    this.peers.set(address, peer);
+    this.peers.set(key, peer);
     client.onClose((err) => {
       peer._markLost(err);
       if (!this.closed) this.native.dropPeer(id, 'ERR_PEER_LOST', false);
@@ -510,6 +536,13 @@ export class TransferEngine {
     };
   }
 
+  /** A batch found the peer gone (data connection lost, injected drop): the whole peer goes, so connect() replaces it. */
+  private noteLoss(peer: Peer, err: unknown): void {
+    if (!isTransferError(err, 'ERR_PEER_LOST') || peer.lost) return;
+    peer._markLost(err);
+    peer.disconnect();
+  }
+
   private assertOpen(): void {
     if (this.closed || this.closing) throw new TransferError('engine is closed', 'ERR_CLOSED');
   }
@@ -526,13 +559,18 @@ export class TransferEngine {
 
     let submitted: [number, Promise<number>];
     try {
-      submitted = this.native.submit(op, peer.nativeId, data, count);
+      try {
+        submitted = this.native.submit(op, peer.nativeId, data, count);
+      } catch (err) {
+        // The peer may have registered the region after we connected: refresh once.
+        if (!isTransferError(err, 'ERR_UNKNOWN_REGION') || !/remoteRegion/.test(err.message) || peer.lost) throw err;
+        await peer.refresh();
+        this.assertOpen();
+        submitted = this.native.submit(op, peer.nativeId, data, count);
+      }
     } catch (err) {
-      // The peer may have registered the region after we connected: refresh once.
-      if (!isTransferError(err, 'ERR_UNKNOWN_REGION') || !/remoteRegion/.test(err.message) || peer.lost) throw err;
-      await peer.refresh();
-      this.assertOpen();
-      submitted = this.native.submit(op, peer.nativeId, data, count);
+      this.noteLoss(peer, err);
+      throw err;
     }
     const [batchId, done] = submitted;
     const timer = setTimeout(() => this.native.abort(batchId, 'ERR_TIMEOUT'), timeoutMs);
@@ -543,6 +581,7 @@ export class TransferEngine {
       const bytes = await done;
       return { bytes, descriptors: count };
     } catch (err) {
+      this.noteLoss(peer, err);
       throw withCallerStack(err, caller);
     } finally {
       clearTimeout(timer);
