@@ -9,9 +9,11 @@
  *    exist; or the paths/args given) with EPD_TRANSFER_ADDON pointing at that build and gcc's
  *    libasan/libubsan in LD_PRELOAD. Node is not instrumented, so the sanitizer runtime must be
  *    preloaded; every process of the run inherits it (vitest's forks, peers the tests spawn).
- * 3. Fails when vitest fails or when any process wrote a sanitizer report. Reports go to files
- *    (log_path) as well as being searched for in the output, because a report from a peer child
- *    process whose stderr a test swallows would not otherwise fail the run.
+ * 3. Fails when vitest fails or when any process wrote a sanitizer report. ASan reports go to
+ *    files (log_path), so one from a peer child whose stderr a test swallows still fails the
+ *    run. UBSan reports cannot: gcc's separate libubsan ignores log_path once libasan is loaded,
+ *    so they are found in the output only, and halt_on_error=1 makes the reporting process
+ *    exit 1.
  *
  * Writes the vitest JSON report to .vitest-asan.json.
  */
