@@ -154,15 +154,19 @@ export class DescriptorBatch {
   }
 }
 
-function regionId(value: unknown, name: string): number {
-  if (value instanceof Region) return value.id;
+function regionId(value: unknown, name: string, owner?: TransferEngine): number {
+  if (value instanceof Region) {
+    // Region ids are per engine: another engine's Region would name one of ours.
+    if (owner !== undefined && value.engine !== owner) badArgument(name, 'a Region of this engine', value);
+    return value.id;
+  }
   if (typeof value === 'object' && value !== null && typeof (value as RemoteRegion).id === 'number') {
     return expectInteger((value as RemoteRegion).id, `${name}.id`);
   }
   return expectInteger(value, name);
 }
 
-function pack(batch: unknown): { data: Float64Array; count: number } {
+function pack(batch: unknown, engine: TransferEngine): { data: Float64Array; count: number } {
   if (batch instanceof DescriptorBatch) {
     if (batch.length === 0) badArgument('batch', 'a non-empty batch', batch);
     return { data: batch.data, count: batch.length };
@@ -173,7 +177,7 @@ function pack(batch: unknown): { data: Float64Array; count: number } {
     if (typeof d !== 'object' || d === null) badArgument(`batch[${i}]`, 'a descriptor object', d);
     const x = d as Record<string, unknown>;
     const o = i * STRIDE;
-    data[o] = regionId(x.localRegion, `batch[${i}].localRegion`);
+    data[o] = regionId(x.localRegion, `batch[${i}].localRegion`, engine);
     data[o + 1] = expectInteger(x.localOffset, `batch[${i}].localOffset`);
     data[o + 2] = regionId(x.remoteRegion, `batch[${i}].remoteRegion`);
     data[o + 3] = expectInteger(x.remoteOffset, `batch[${i}].remoteOffset`);
@@ -186,7 +190,7 @@ function pack(batch: unknown): { data: Float64Array; count: number } {
 export class Region {
   /** @internal */
   constructor(
-    private readonly engine: TransferEngine,
+    /** @internal */ readonly engine: TransferEngine,
     /** Id used in descriptors and advertised to peers. */
     readonly id: number,
     readonly length: number,
@@ -246,6 +250,7 @@ export class Peer {
 
   /** Fetches the peer's region list again (e.g. after it allocated more). */
   async refresh(timeoutMs = 5_000): Promise<void> {
+    this.engine.assertOpen();
     if (this.lostError) throw this.lostError;
     this.segment = await this.client.refresh(expectTimeout(timeoutMs, 'timeoutMs'));
     this.engine._updatePeer(this, this.segment);
@@ -258,6 +263,7 @@ export class Peer {
    * ERR_TIMEOUT (default 5 s) or ERR_PEER_LOST.
    */
   request(topic: string, body: unknown, options?: { timeoutMs?: number }): Promise<unknown> {
+    this.engine.assertOpen();
     expectString(topic, 'topic');
     const opts = expectOptionalObject(options, 'options');
     const timeoutMs = opts.timeoutMs === undefined ? 5_000 : expectTimeout(opts.timeoutMs, 'options.timeoutMs');
@@ -543,14 +549,15 @@ export class TransferEngine {
     peer.disconnect();
   }
 
-  private assertOpen(): void {
+  /** @internal Throws ERR_CLOSED once close() has begun. */
+  assertOpen(): void {
     if (this.closed || this.closing) throw new TransferError('engine is closed', 'ERR_CLOSED');
   }
 
   private async transfer(op: 0 | 1, peer: Peer, batch: unknown, options: TransferOptions | undefined, caller: Error): Promise<TransferResult> {
     this.assertOpen();
     if (!(peer instanceof Peer) || peer.engine !== this) badArgument('peer', "a Peer returned by this engine's connect()", peer);
-    const { data, count } = pack(batch);
+    const { data, count } = pack(batch, this);
     const opts = expectOptionalObject(options, 'options');
     const timeoutMs = opts.timeoutMs === undefined ? this.options.timeoutMs : expectTimeout(opts.timeoutMs, 'options.timeoutMs');
     const signal = opts.signal;
