@@ -263,6 +263,7 @@ void Engine::Shutdown() {
   }
   peers_.clear();
   regions_.ReleaseAll();
+  device_->ReleaseAll();
 }
 
 }  // namespace epd
