@@ -94,6 +94,25 @@ export type EngineCounters = Readonly<Record<(typeof COUNTER_NAMES)[number], num
 const STRIDE = 5;
 let engineSeq = 0;
 
+/**
+ * Engines not closed yet, closed on process exit: process.exit() skips the addon's
+ * environment cleanup, which would leave their shared-memory names in /dev/shm.
+ */
+const openOnExit = new Set<WeakRef<NativeEngine>>();
+let exitHook = false;
+
+function closeOnExit(engine: NativeEngine): WeakRef<NativeEngine> {
+  if (!exitHook) {
+    exitHook = true;
+    process.on('exit', () => {
+      for (const ref of openOnExit) ref.deref()?.close();
+    });
+  }
+  const ref = new WeakRef(engine);
+  openOnExit.add(ref);
+  return ref;
+}
+
 function readBootId(): string {
   try {
     return readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
@@ -297,8 +316,10 @@ export class TransferEngine {
   private readonly handlers = new Map<string, RequestHandler>();
   private readonly bootId = readBootId();
   private readonly registry = new FinalizationRegistry<number>((id) => {
-    if (!this.closed) this.native.free(id, true).catch(() => {});
+    // Wait for batches in flight: a DescriptorBatch names the region by id only.
+    if (!this.closed) this.native.free(id, false).catch(() => {});
   });
+  private readonly exitRef: WeakRef<NativeEngine>;
   private closing: Promise<void> | null = null;
   private closed = false;
 
@@ -311,6 +332,7 @@ export class TransferEngine {
   ) {
     this.name = name;
     this.native = new native.NativeEngine({ threads: options.threads, chunkBytes: options.chunkBytes });
+    this.exitRef = closeOnExit(this.native);
     this.device = new Device(this.native, 'host');
     const view = this.native.counters();
     const counters = {} as Record<string, number>;
@@ -346,6 +368,7 @@ export class TransferEngine {
         engine.server = await ControlServer.listen({ host, port, describe: () => engine.describe(), handlers: engine.handlers });
       } catch (err) {
         engine.native.close();
+        openOnExit.delete(engine.exitRef);
         throw err;
       }
     }
@@ -506,6 +529,7 @@ export class TransferEngine {
       }
       this.closed = true;
       this.native.close();
+      openOnExit.delete(this.exitRef);
       for (const peer of this.peers.values()) peer.disconnect();
       this.peers.clear();
       await this.server?.close();

@@ -305,6 +305,7 @@ void Engine::Shutdown() {
   }
   peers_.clear();
   regions_.ReleaseAll();
+  device_->ReleaseAll();
 }
 
 }  // namespace epd
