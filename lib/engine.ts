@@ -679,9 +679,9 @@ export class TransferEngine {
     if (session.grant && !this.closed) this.native.tcpRevoke(Buffer.from(session.grant, 'hex'));
   }
 
-  /** A batch found the peer gone (data connection lost, injected drop): the whole peer goes, so connect() replaces it. */
+  /** A batch found the peer gone (data connection lost or broken, injected drop): the whole peer goes, so connect() replaces it. */
   private noteLoss(peer: Peer, err: unknown): void {
-    if (!isTransferError(err, 'ERR_PEER_LOST') || peer.lost) return;
+    if (!(isTransferError(err, 'ERR_PEER_LOST') || isTransferError(err, 'ERR_PROTOCOL')) || peer.lost) return;
     peer._markLost(err);
     peer.disconnect();
   }

@@ -121,10 +121,20 @@ void Engine::DropPeer(uint32_t id, Code code, bool remove) {
   std::shared_ptr<Peer> peer = it->second;
   int expected = 0;
   peer->lost.compare_exchange_strong(expected, static_cast<int>(code));
+  bool busy = false;
   for (auto& [bid, b] : in_flight_) {
-    if (b->peer == peer) StopBatch(b, code);
+    if (b->peer == peer) {
+      StopBatch(b, code);
+      busy = true;
+    }
   }
   peer->transport->RemovePeer(peer.get());
+  // A lost peer kept in the table (to answer ERR_PEER_LOST) need not keep its pidfd;
+  // only batches in flight poll it, so it can close now if there are none.
+  if (!busy && peer->pidfd >= 0) {
+    close(peer->pidfd);
+    peer->pidfd = -1;
+  }
   if (remove) peers_.erase(it);
 }
 

@@ -431,6 +431,8 @@ class TcpClient {
       if (!severed_) {
         severed_ = true;
         loss_ = why.message();
+        // A peer that breaks the protocol is reported as such; anything else is loss.
+        loss_code_ = why.code() == Code::kProtocol ? Code::kProtocol : Code::kPeerLost;
       }
       for (auto& c : conns_) {
         std::lock_guard<std::mutex> cl(c->mu);
@@ -508,7 +510,7 @@ class TcpClient {
         b.Fail(f->error);
       } else {
         std::lock_guard<std::mutex> lock(mu_);
-        b.Fail(Status(Code::kPeerLost, "data connection to peer '" + peer_->name + "' lost: " + LossLocked()));
+        b.Fail(Status(loss_code_, "data connection to peer '" + peer_->name + "' lost: " + LossLocked()));
       }
     }
     if (b.tasks_left.fetch_sub(1) == 1) done_(f->batch);
@@ -628,6 +630,7 @@ class TcpClient {
   uint64_t next_seq_ = 1;
   bool severed_ = false;
   std::string loss_;
+  Code loss_code_ = Code::kPeerLost;
 };
 
 // ---------------------------------------------------------------------------------

@@ -411,8 +411,8 @@ export class ControlClient {
         this.settle(f.body);
         continue;
       }
+      // Stays set until resolved, so that abort() below rejects it.
       const waiter = this.waiter;
-      this.waiter = null;
       if (f.type === MessageType.Error) {
         const body = (f.body ?? {}) as { code?: string; message?: string };
         const code = body.code === 'ERR_PROTOCOL_VERSION' || body.code === 'ERR_AUTH' ? body.code : 'ERR_PROTOCOL';
@@ -426,7 +426,6 @@ export class ControlClient {
         return;
       }
       if (f.type === MessageType.Challenge && waiter && !this.authenticated) {
-        this.waiter = waiter;
         if (!this.answerChallenge(f.body)) return;
         continue;
       }
@@ -440,6 +439,7 @@ export class ControlClient {
         this.abort(new TransferError(`unexpected control message type ${f.type} from ${this.address}`, 'ERR_PROTOCOL'));
         return;
       }
+      this.waiter = null;
       waiter.resolve(f.body as SegmentDescriptor);
     }
   }
