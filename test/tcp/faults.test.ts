@@ -204,11 +204,11 @@ describe('a broken or hostile target', () => {
   it('a read reply longer than asked for is malformed, not an overflow', async () => {
     const fake = await fakeEngine((socket, reader) =>
       void reader.read(32).then(async (h) => {
-        await reader.read(16);
+        if (!h || !(await reader.read(16))) return;
         const r = Buffer.alloc(32);
         r.write('EPDR', 0, 'latin1');
         r.writeUInt8(2, 4);
-        r.writeBigUInt64LE(h!.readBigUInt64LE(8), 8);
+        r.writeBigUInt64LE(h.readBigUInt64LE(8), 8);
         r.writeBigUInt64LE(BigInt(2 * MiB), 16);
         socket.write(r);
       }),
