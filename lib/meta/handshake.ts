@@ -230,7 +230,8 @@ export class ControlServer {
 /** The client side of one control connection. */
 export class ControlClient {
   private readonly decoder = new FrameDecoder();
-  private waiter: { resolve(d: SegmentDescriptor): void; reject(e: Error): void } | null = null;
+  /** HELLO / GET_SEGMENT requests awaiting their SEGMENT answer; the server answers in order. */
+  private readonly waiters: Array<{ resolve(d: SegmentDescriptor): void; reject(e: Error): void }> = [];
   private closedError: TransferError | null = null;
   private closeListeners: Array<(err: TransferError) => void> = [];
   private nextRequestId = 1;
@@ -286,6 +287,9 @@ export class ControlClient {
         timeout,
       ]);
       socket.setKeepAlive(true, 1000);
+      // Like the server, an idle connection does not keep the process alive (pending
+      // requests do, through their timers).
+      socket.unref();
       return { client, segment };
     } catch (err) {
       socket.destroy();
@@ -331,8 +335,7 @@ export class ControlClient {
   private handleClose(err: TransferError): void {
     if (this.closedError) return;
     this.closedError = err;
-    this.waiter?.reject(err);
-    this.waiter = null;
+    for (const w of this.waiters.splice(0)) w.reject(err);
     for (const r of this.requests.values()) {
       clearTimeout(r.timer);
       r.reject(err);
@@ -359,9 +362,8 @@ export class ControlClient {
 
   private request(type: MessageType, body: unknown): Promise<SegmentDescriptor> {
     if (this.closedError) return Promise.reject(this.closedError);
-    if (this.waiter) return Promise.reject(new TransferError('a control request is already in progress', 'ERR_PROTOCOL'));
     return new Promise((resolve, reject) => {
-      this.waiter = { resolve, reject };
+      this.waiters.push({ resolve, reject });
       this.socket.write(encodeFrame(type, body));
     });
   }
@@ -411,8 +413,8 @@ export class ControlClient {
         this.settle(f.body);
         continue;
       }
-      // Stays set until resolved, so that abort() below rejects it.
-      const waiter = this.waiter;
+      // Stays queued until resolved, so that abort() below rejects it.
+      const waiter = this.waiters[0];
       if (f.type === MessageType.Error) {
         const body = (f.body ?? {}) as { code?: string; message?: string };
         const code = body.code === 'ERR_PROTOCOL_VERSION' || body.code === 'ERR_AUTH' ? body.code : 'ERR_PROTOCOL';
@@ -439,7 +441,7 @@ export class ControlClient {
         this.abort(new TransferError(`unexpected control message type ${f.type} from ${this.address}`, 'ERR_PROTOCOL'));
         return;
       }
-      this.waiter = null;
+      this.waiters.shift();
       waiter.resolve(f.body as SegmentDescriptor);
     }
   }

@@ -16,7 +16,7 @@ const CLASSES = ['NativeEngine', 'NativeStream', 'NativeEvent'];
 
 /**
  * The node-gyp build: build/Release, or the prebuild node-gyp-build would load instead
- * (`npm run prebuildify` moves build/Release/epd_transfer.node into prebuilds/).
+ * (`npm run prebuild` moves build/Release/epd_transfer.node into prebuilds/).
  */
 function gypAddon(): string {
   const gypBuild = createRequire(import.meta.url)('node-gyp-build') as { resolve(dir: string): string };

@@ -1,6 +1,6 @@
 // The package must work from prebuilds/ alone (what `npm install` of a published tarball
 // loads): a child with PREBUILDS_ONLY=1, which makes node-gyp-build ignore build/, imports
-// the compiled package and moves bytes. `npm run prebuildify` makes the prebuild; without
+// the compiled package and moves bytes. `npm run prebuild` makes the prebuild; without
 // one these tests skip, unless EPD_REQUIRE_PREBUILD=1 (.ci/run sets it) makes that a failure.
 import { execFile } from 'node:child_process';
 import { existsSync, readdirSync } from 'node:fs';
@@ -15,7 +15,7 @@ const prebuildDir = path.join(root, 'prebuilds', `${process.platform}-${process.
 const prebuilds = existsSync(prebuildDir) ? readdirSync(prebuildDir).filter((f) => f.endsWith('.node')) : [];
 const required = process.env.EPD_REQUIRE_PREBUILD === '1';
 const skip = prebuilds.length === 0 && !required;
-if (skip) console.warn(`SKIPPED prebuild tests: nothing in ${path.relative(root, prebuildDir)}/ (run \`npm run prebuildify\`)`);
+if (skip) console.warn(`SKIPPED prebuild tests: nothing in ${path.relative(root, prebuildDir)}/ (run \`npm run prebuild\`)`);
 
 const transferScript = (entry: string) => `
   const { TransferEngine } = await import(${JSON.stringify(entry)});
@@ -32,7 +32,7 @@ const transferScript = (entry: string) => `
 
 describe.skipIf(skip)('prebuilds/ alone', () => {
   it(`has a prebuild for ${process.platform}-${process.arch}`, () => {
-    expect(prebuilds, `no .node file in ${prebuildDir}: run \`npm run prebuildify\``).not.toHaveLength(0);
+    expect(prebuilds, `no .node file in ${prebuildDir}: run \`npm run prebuild\``).not.toHaveLength(0);
   });
 
   it('loads the prebuild with PREBUILDS_ONLY=1 and moves bytes through it', async () => {
