@@ -7,7 +7,7 @@
 import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import net from 'node:net';
 import { TransferError, type ErrorCode } from '../errors.js';
-import { encodeFrame, FrameDecoder, MessageType, WIRE_VERSION, type Frame, type SegmentDescriptor } from './wire.js';
+import { encodeFrame, FrameDecoder, MAX_BODY, MessageType, WIRE_VERSION, type Frame, type SegmentDescriptor } from './wire.js';
 
 /** Who sent a control request. */
 export interface RequestContext {
@@ -204,7 +204,16 @@ export class ControlServer {
     const id = req.id;
     const handler = this.options.handlers?.get(req.topic);
     const reply = (body: unknown) => {
-      if (!socket.destroyed) socket.write(encodeFrame(MessageType.Response, body));
+      if (socket.destroyed) return;
+      let frame: Buffer;
+      try {
+        frame = encodeFrame(MessageType.Response, body);
+      } catch (err) {
+        // Too large or not JSON: the caller gets an error, this process keeps running.
+        const message = `the answer to '${String(req.topic)}' cannot be sent: ${(err as Error).message}`;
+        frame = encodeFrame(MessageType.Response, { id, ok: false, code: 'ERR_REMOTE', message });
+      }
+      socket.write(frame);
     };
     if (!handler) {
       reply({ id, ok: false, code: 'ERR_NO_HANDLER', message: `no handler for topic '${req.topic}'` });
@@ -293,6 +302,9 @@ export class ControlClient {
       return { client, segment };
     } catch (err) {
       socket.destroy();
+      if (err instanceof TransferError && err.code === 'ERR_PEER_LOST') {
+        throw new TransferError(`${address} closed the connection during the handshake`, 'ERR_CONNECT', { cause: err });
+      }
       throw err;
     } finally {
       clearTimeout(timer);
@@ -316,13 +328,22 @@ export class ControlClient {
   call(topic: string, body: unknown, timeoutMs: number): Promise<unknown> {
     if (this.closedError) return Promise.reject(this.closedError);
     const id = this.nextRequestId++;
+    let frame: Buffer;
+    try {
+      frame = encodeFrame(MessageType.Request, { id, topic, body });
+    } catch (err) {
+      const reason = (err as Error).message;
+      return Promise.reject(
+        new TransferError(`Expected a JSON body under ${MAX_BODY} bytes for request '${topic}' but encoding failed: ${reason}`, 'ERR_BAD_ARGUMENT', { cause: err }),
+      );
+    }
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.requests.delete(id);
         reject(new TransferError(`request '${topic}' to ${this.address} timed out after ${timeoutMs} ms`, 'ERR_TIMEOUT'));
       }, timeoutMs);
       this.requests.set(id, { resolve, reject, timer });
-      this.socket.write(encodeFrame(MessageType.Request, { id, topic, body }));
+      this.socket.write(frame);
     });
   }
 
@@ -413,7 +434,8 @@ export class ControlClient {
         this.settle(f.body);
         continue;
       }
-      // Stays queued until resolved, so that abort() below rejects it.
+      // Every failure below aborts, which rejects the waiting requests too; a request
+      // leaves the queue only when its SEGMENT arrives.
       const waiter = this.waiters[0];
       if (f.type === MessageType.Error) {
         const body = (f.body ?? {}) as { code?: string; message?: string };

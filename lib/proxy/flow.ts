@@ -111,6 +111,10 @@ async function onInstance<T>(
   for (let attempt = 0; ; attempt++) {
     const lease = pool.lease(tokens, { exclude: tried, prefer: options.prefer });
     if (!lease) throw last ?? noInstance(role);
+    if (attempt > 0) {
+      ctx.metrics.retries.inc({ role });
+      if (options.trace) options.trace.retries++;
+    }
     const instance = lease.instance;
     tried.add(instance);
     const started = performance.now();
@@ -126,8 +130,6 @@ async function onInstance<T>(
       if (signal.aborted) throw asProxyError(signal.reason);
       if (attempt >= ctx.maxRetries || !options.canRetry(err, instance)) throw err;
       last = err;
-      ctx.metrics.retries.inc({ role });
-      if (options.trace) options.trace.retries++;
     } finally {
       ctx.metrics.hopDuration.observe({ role }, (performance.now() - started) / 1000);
       lease.release();
