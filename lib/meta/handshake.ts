@@ -181,7 +181,8 @@ export class ControlServer {
         } else if (f.type === MessageType.Request && state === 'ready') {
           this.answer(socket, f.body, session!.peer);
         } else {
-          fail(state === 'ready' ? 'ERR_PROTOCOL' : 'ERR_AUTH', `unexpected control message type ${f.type}`);
+          // Out of order (a request before HELLO, or instead of AUTH): nothing is described either way.
+          fail('ERR_PROTOCOL', `unexpected control message type ${f.type}`);
           return;
         }
       }
