@@ -6,12 +6,16 @@
  *                               [--threads n] [--inflight 2] [--region 512MiB] [--runs 5] [--json]
  *   epd-transfer bench layerwise --model <profile> --tokens <n> [--link 25GB/s] [--transport shm]
  *                                [--runs 3] [--integrity] [--trace out.json] [--json]
+ *   epd-transfer proxy [--prefill <url> --decode <url> | --pd <url>] [--encode <url>] [options]
+ *   epd-transfer proxy instances list|add|remove --proxy <url> [--role <role>] [url...]
+ *   epd-transfer bench proxy [--rate 500] [--json]
  *   epd-transfer shm-gc
  */
 import { parseArgs } from 'node:util';
 import { TransferError } from './errors.js';
 import { native } from './native.js';
 import { probe } from './probe.js';
+import { BENCH_PROXY_USAGE, PROXY_USAGE, benchProxyCommand, runProxyCommand } from './proxy/cli.js';
 import { expectInteger, parseBytes } from './validate.js';
 
 const USAGE = `Usage: epd-transfer <command> [options]
@@ -38,7 +42,7 @@ Commands:
       --integrity                checksum every layer, verified by decode
       --trace <file>             write a Chrome trace (prefill + decode) of the last run
       --json                     one JSON object instead of the table
-  shm-gc                         remove shared memory left by crashed engines
+${BENCH_PROXY_USAGE}${PROXY_USAGE}  shm-gc                         remove shared memory left by crashed engines
 `;
 
 async function benchTransfer(args: string[]): Promise<void> {
@@ -138,9 +142,12 @@ export async function main(argv: string[]): Promise<number> {
           await benchLayerwise(args);
           return 0;
         }
+        if (what === 'proxy') return await benchProxyCommand(args);
         console.error(`unknown bench '${what ?? ''}'\n\n${USAGE}`);
         return 2;
       }
+      case 'proxy':
+        return await runProxyCommand(rest);
       case 'shm-gc':
         console.log(`removed ${native.reclaimStaleShm()} stale shared-memory object(s)`);
         return 0;
