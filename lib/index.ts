@@ -62,3 +62,18 @@ export type {
 } from './kv/index.js';
 export { PROFILES, REFERENCE_ACCELERATOR, getProfile, kvTensors, kvBytesPerToken, layerPrefillUs } from './sim/profiles.js';
 export type { ModelProfile, GqaAttention, MlaAttention, FeedForward, VisionEncoder } from './sim/profiles.js';
+export { EpdProxy, MemoryEmbeddingLocator, ProxyError, signBody as signProxyBody, SIGNATURE_HEADER as PROXY_SIGNATURE_HEADER } from './proxy/index.js';
+export type {
+  ProxyOptions,
+  ProxyTimeouts,
+  RequestTrace as ProxyRequestTrace,
+  HealthOptions as ProxyHealthOptions,
+  Role as ProxyRole,
+  InstanceInfo as ProxyInstanceInfo,
+  InstanceState as ProxyInstanceState,
+  EmbeddingLocator,
+  EmbeddingLocation,
+  EncodedReport,
+  MemoryEmbeddingLocatorOptions,
+  EstimateOptions as ProxyEstimateOptions,
+} from './proxy/index.js';
