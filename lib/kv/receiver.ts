@@ -437,7 +437,10 @@ export class LayerwiseReceiver extends EventEmitter {
   /** The answer to a DONE for a request that is no longer pending (or was never expected). */
   private doneAfterSettled(id: string, req: RequestState | undefined): OutcomeReply {
     const f = req ?? this.finished.get(id);
-    if (f?.status === 'complete') return { ok: true, complete: true, duplicate: true };
+    if (f?.status === 'complete') {
+      this.counts.duplicates++;
+      return { ok: true, complete: true, duplicate: true };
+    }
     const refusal = this.refusalFor(id, req)!;
     return { ok: false, code: refusal.code, message: refusal.message };
   }
