@@ -35,7 +35,7 @@ export class ProxyMetrics {
     this.duration = new Histogram({ name: 'epd_proxy_request_duration_seconds', help: 'Client request duration', labelNames: ['endpoint', 'stream'], buckets: LATENCY_BUCKETS, registers });
     this.firstByte = new Histogram({ name: 'epd_proxy_first_byte_seconds', help: 'Time to the first response byte sent to the client', labelNames: ['endpoint', 'stream'], buckets: LATENCY_BUCKETS, registers });
     this.hops = new Counter({ name: 'epd_proxy_upstream_requests_total', help: 'Upstream hops by role and outcome', labelNames: ['role', 'outcome'], registers });
-    this.hopDuration = new Histogram({ name: 'epd_proxy_upstream_duration_seconds', help: 'Upstream hop duration until its answer was complete (prefill, encode) or its headers arrived (decode, pd)', labelNames: ['role'], buckets: LATENCY_BUCKETS, registers });
+    this.hopDuration = new Histogram({ name: 'epd_proxy_upstream_duration_seconds', help: 'Upstream hop duration, until its answer was complete (encode, prefill) or its stream ended (decode, pd)', labelNames: ['role'], buckets: LATENCY_BUCKETS, registers });
     this.retries = new Counter({ name: 'epd_proxy_retries_total', help: 'Hops retried on another instance', labelNames: ['role'], registers });
     this.mediaItems = new Counter({ name: 'epd_proxy_media_items_total', help: 'Media items by how they were served', labelNames: ['result'], registers });
     this.metaserver = new Counter({ name: 'epd_proxy_metaserver_calls_total', help: 'Calls to /v1/metaserver by outcome', labelNames: ['outcome'], registers });
