@@ -125,10 +125,15 @@ class EventWrap : public Napi::ObjectWrap<EventWrap>, DeviceObject {
                         InstanceMethod<&EventWrap::Synchronize>("synchronize"),
                         InstanceMethod<&EventWrap::Destroy>("destroy")});
   }
+  // (engine) creates an event; (engine, handle) wraps a foreign one (Device::WrapEvent).
   explicit EventWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<EventWrap>(info) {
     Bind(info);
     std::unique_ptr<Event> e;
-    Check(info.Env(), device_->CreateEvent(&e));
+    if (info.Length() > 1) {
+      Check(info.Env(), device_->WrapEvent(ArgPointer(info, 1, "event handle"), &e));
+    } else {
+      Check(info.Env(), device_->CreateEvent(&e));
+    }
     event_ = std::shared_ptr<Event>(std::move(e));
   }
   std::shared_ptr<Event> event(Napi::Env env) {

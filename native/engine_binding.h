@@ -55,6 +55,10 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
   Napi::Value DeviceIpcClose(const Napi::CallbackInfo& info);
   Napi::Value CreateStream(const Napi::CallbackInfo& info);
   Napi::Value CreateEvent(const Napi::CallbackInfo& info);
+  Napi::Value WrapEvent(const Napi::CallbackInfo& info);
+  Napi::Value DeviceInfo(const Napi::CallbackInfo& info);
+  Napi::Value DeviceIpcProcessId(const Napi::CallbackInfo& info);
+  Napi::Value DeviceIpcAllow(const Napi::CallbackInfo& info);
 
   void Shutdown(Napi::Env env);
   void UpdateLoopRef(Napi::Env env);

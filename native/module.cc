@@ -8,6 +8,7 @@
 namespace epd {
 
 Napi::Value MemcpyBandwidth(const Napi::CallbackInfo& info);
+Napi::Value VendorBackends(const Napi::CallbackInfo& info);
 
 namespace {
 
@@ -41,6 +42,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("setErrorClass", Napi::Function::New<SetErrorClass>(env, "setErrorClass"));
   exports.Set("reclaimStaleShm", Napi::Function::New<ReclaimStale>(env, "reclaimStaleShm"));
   exports.Set("memcpyBandwidth", Napi::Function::New<MemcpyBandwidth>(env, "memcpyBandwidth"));
+  exports.Set("vendorBackends", Napi::Function::New<VendorBackends>(env, "vendorBackends"));
   exports.Set("wireVersion", Napi::Number::New(env, EPD_TRANSFER_WIRE_VERSION));
   exports.Set("napiVersion", Napi::Number::New(env, NAPI_VERSION));
   return exports;
