@@ -22,6 +22,10 @@ export type ErrorCode =
   | 'ERR_CONNECT'
   | 'ERR_NO_HANDLER'
   | 'ERR_REMOTE'
+  /** A peer failed (or could not attempt) the shared-secret proof. */
+  | 'ERR_AUTH'
+  /** A checksum did not match: the bytes that landed are not the bytes that were sent. */
+  | 'ERR_INTEGRITY'
   | 'ERR_SYSTEM';
 
 /** An error with a machine-readable {@link ErrorCode}. Also constructed by the native addon. */

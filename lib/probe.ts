@@ -42,13 +42,8 @@ export interface ProbeResult {
 const NOT_BUILT = 'not built into this version of epd-transfer yet';
 
 function fromNative(s: NativeVendorStatus): BackendStatus {
-  const out: BackendStatus = { available: s.available };
-  if (s.reason !== undefined) out.reason = s.reason;
-  out.status = s.status;
-  for (const key of ['library', 'devices', 'version', 'driverVersion', 'ipc', 'batchSendRecv'] as const) {
-    if (s[key] !== undefined) (out as Record<string, unknown>)[key] = s[key];
-  }
-  return out;
+  // The native object already has exactly this shape; copy it so callers own it.
+  return { ...s };
 }
 
 /** Vendor backends only (no memcpy measurement): cheap after the first call. */

@@ -78,6 +78,10 @@ class Device {
   virtual Status IpcImport(const std::string& key, DevicePtr* ptr, size_t* bytes) = 0;
   virtual Status IpcClose(DevicePtr imported) = 0;
 
+  // Engine close: forgets every allocation and import. Work still queued keeps the
+  // memory it touches; names other processes import by are removed at once.
+  virtual void ReleaseAll() = 0;
+
   // --- IPC access control --------------------------------------------------------
   // ACL only lets a process import a key after the exporter put the importer's pid
   // on the key's whitelist (aclrtIpcMemSetImportPid, with the pid from

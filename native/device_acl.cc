@@ -65,9 +65,16 @@ class AclDevice final : public Device, public std::enable_shared_from_this<AclDe
       : rt_(rt), api_(rt->api), ordinal_(ordinal), ctx_(ctx) {}
 
   ~AclDevice() override {
+    ReleaseAll();
+    if (Bind().ok()) api_.aclrtResetDevice(ordinal_);
+  }
+
+  // Engine close (and destruction): imports closed first, then our export keys, then
+  // the memory, the order ACL requires. Queued stream work gets a bounded drain.
+  void ReleaseAll() override {
     if (!Bind().ok()) return;  // the runtime is gone; nothing can be released
+    DrainStreams();
     std::lock_guard<std::mutex> lock(mu_);
-    // Importer side first, then our exports, then the memory: the order ACL requires.
     for (auto& [base, a] : table_.map()) {
       if (a.imported) api_.aclrtIpcMemClose(a.ipc_key.c_str());
     }
@@ -76,7 +83,7 @@ class AclDevice final : public Device, public std::enable_shared_from_this<AclDe
       if (!a.ipc_key.empty()) api_.aclrtIpcMemClose(a.ipc_key.c_str());
       api_.aclrtFree(Ptr(base));
     }
-    api_.aclrtResetDevice(ordinal_);
+    table_.map().clear();
   }
 
   const char* kind() const override { return "acl"; }

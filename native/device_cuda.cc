@@ -81,16 +81,22 @@ class CudaDevice final : public Device, public std::enable_shared_from_this<Cuda
       : rt_(rt), api_(rt->api), ordinal_(ordinal), dev_(dev), ctx_(ctx) {}
 
   ~CudaDevice() override {
-    if (Bind().ok()) {
-      std::lock_guard<std::mutex> lock(mu_);
-      for (auto& [base, a] : table_.map()) {
-        if (a.imported) api_.cuIpcCloseMemHandle(base);
-      }
-      for (auto& [base, a] : table_.map()) {
-        if (!a.imported) api_.cuMemFree_v2(base);
-      }
-    }
+    ReleaseAll();
     api_.cuDevicePrimaryCtxRelease_v2(dev_);
+  }
+
+  // Engine close (and destruction): imports closed before our memory is freed.
+  void ReleaseAll() override {
+    if (!Bind().ok()) return;
+    DrainStreams();
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [base, a] : table_.map()) {
+      if (a.imported) api_.cuIpcCloseMemHandle(base);
+    }
+    for (auto& [base, a] : table_.map()) {
+      if (!a.imported) api_.cuMemFree_v2(base);
+    }
+    table_.map().clear();
   }
 
   const char* kind() const override { return "cuda"; }

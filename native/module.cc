@@ -2,6 +2,7 @@
 #include <napi.h>
 
 #include "engine_binding.h"
+#include "link_binding.h"
 #include "shm.h"
 #include "util/napi_util.h"
 
@@ -42,6 +43,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("setErrorClass", Napi::Function::New<SetErrorClass>(env, "setErrorClass"));
   exports.Set("reclaimStaleShm", Napi::Function::New<ReclaimStale>(env, "reclaimStaleShm"));
   exports.Set("memcpyBandwidth", Napi::Function::New<MemcpyBandwidth>(env, "memcpyBandwidth"));
+  exports.Set("linkSchedule", Napi::Function::New<LinkSchedule>(env, "linkSchedule"));
   exports.Set("vendorBackends", Napi::Function::New<VendorBackends>(env, "vendorBackends"));
   exports.Set("wireVersion", Napi::Number::New(env, EPD_TRANSFER_WIRE_VERSION));
   exports.Set("napiVersion", Napi::Number::New(env, NAPI_VERSION));
