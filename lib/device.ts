@@ -65,6 +65,16 @@ export class DeviceEvent {
     this.native.record(stream.native);
   }
 
+  /**
+   * The vendor runtime's handle of this event (an `aclrtEvent` on `acl`, a `CUevent`
+   * on `cuda`), for code outside epd-transfer; undefined on `host`. It stays valid
+   * until the event is destroyed.
+   */
+  get handle(): bigint | undefined {
+    const h = this.native.handle();
+    return h === 0n ? undefined : h;
+  }
+
   /** True when the recorded work has run (or nothing was recorded). Never blocks. */
   query(): boolean {
     return this.native.query();

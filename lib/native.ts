@@ -48,6 +48,8 @@ export interface NativeEvent {
   record(stream: NativeStream): void;
   query(): boolean;
   synchronize(timeoutMs: number): Promise<void>;
+  /** The runtime's event handle (aclrtEvent / CUevent); 0n on the host device. */
+  handle(): bigint;
   destroy(): void;
 }
 

@@ -29,6 +29,8 @@ class Stream {
 class Event {
  public:
   virtual ~Event() = default;
+  // The runtime's handle (aclrtEvent, CUevent) for code outside epd-transfer; 0 on host.
+  virtual uint64_t native_handle() const { return 0; }
 };
 
 class Device {

@@ -51,6 +51,7 @@ class AclStream final : public Stream {
 class AclEvent : public Event {
  public:
   AclEvent(acl::aclrtEvent e, bool owned) : event(e), owned(owned), recorded(!owned) {}
+  uint64_t native_handle() const override { return reinterpret_cast<uintptr_t>(event); }
   acl::aclrtEvent event;
   bool owned;
   // An event never recorded is complete (as on the host device), without asking ACL,
@@ -431,12 +432,19 @@ class AclDevice final : public Device, public std::enable_shared_from_this<AclDe
         *dest_max = it->second.bytes - static_cast<size_t>(ptr - it->first);
         return Status::Ok();
       }
+      // Inside (or running past) one of our allocations, including its rounding slack:
+      // out of range, whatever the runtime would say about the address.
+      if (table_.Overlaps(ptr, bytes)) return OutOfRange(ptr, bytes);
     }
     if (bytes > 0 && api_.aclrtPointerGetAttributes != nullptr && IsOurDeviceMemory(ptr) &&
         IsOurDeviceMemory(ptr + bytes - 1)) {
       *dest_max = bytes;
       return Status::Ok();
     }
+    return OutOfRange(ptr, bytes);
+  }
+
+  Status OutOfRange(DevicePtr ptr, size_t bytes) const {
     return Status(Code::kOutOfRange, "[" + HexAddress(ptr) + ", +" + std::to_string(bytes) +
                                          ") is not memory of acl device " + std::to_string(ordinal_));
   }

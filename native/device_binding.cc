@@ -123,6 +123,7 @@ class EventWrap : public Napi::ObjectWrap<EventWrap>, DeviceObject {
     return DefineClass(env, "NativeEvent",
                        {InstanceMethod<&EventWrap::Record>("record"), InstanceMethod<&EventWrap::Query>("query"),
                         InstanceMethod<&EventWrap::Synchronize>("synchronize"),
+                        InstanceMethod<&EventWrap::Handle>("handle"),
                         InstanceMethod<&EventWrap::Destroy>("destroy")});
   }
   // (engine) creates an event; (engine, handle) wraps a foreign one (Device::WrapEvent).
@@ -163,6 +164,10 @@ class EventWrap : public Napi::ObjectWrap<EventWrap>, DeviceObject {
     auto p = w->Promise();
     w->Queue();
     return p;
+  }
+  Napi::Value Handle(const Napi::CallbackInfo& info) {
+    auto e = event(info.Env());
+    return Napi::BigInt::New(info.Env(), e->native_handle());
   }
   Napi::Value Destroy(const Napi::CallbackInfo& info) {
     event_.reset();

@@ -45,6 +45,7 @@ class CudaStream final : public Stream {
 class CudaEvent : public Event {
  public:
   CudaEvent(cu::CUevent e, bool recorded) : event(e), recorded(recorded) {}
+  uint64_t native_handle() const override { return reinterpret_cast<uintptr_t>(event); }
   cu::CUevent event;
   std::atomic<bool> recorded;
 };
@@ -358,6 +359,7 @@ class CudaDevice final : public Device, public std::enable_shared_from_this<Cuda
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (table_.Find(ptr, bytes) != table_.end()) return Status::Ok();
+      if (table_.Overlaps(ptr, bytes)) return OutOfRange(ptr, bytes);
     }
     // Memory another user of the primary context allocated (a framework's tensor).
     if (bytes > 0 && Bind().ok()) {
@@ -368,6 +370,10 @@ class CudaDevice final : public Device, public std::enable_shared_from_this<Cuda
         return Status::Ok();
       }
     }
+    return OutOfRange(ptr, bytes);
+  }
+
+  Status OutOfRange(DevicePtr ptr, size_t bytes) const {
     return Status(Code::kOutOfRange, "[" + HexAddress(ptr) + ", +" + std::to_string(bytes) +
                                          ") is not memory of cuda device " + std::to_string(ordinal_));
   }

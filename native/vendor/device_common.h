@@ -2,6 +2,7 @@
 // which are IPC imports, and the IPC key format that carries a sub-range.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -35,6 +36,14 @@ class AllocationTable {
     const size_t bytes = it->second.bytes;
     if (ptr - it->first <= bytes && len <= bytes - (ptr - it->first)) return it;
     return map_.end();
+  }
+  // True when [ptr, ptr + len) touches any entry's mapped capacity.
+  bool Overlaps(DevicePtr ptr, size_t len) const {
+    const DevicePtr end = ptr + (len == 0 ? 1 : len);
+    auto it = map_.lower_bound(end);
+    if (it == map_.begin()) return false;
+    --it;
+    return ptr < it->first + std::max(it->second.capacity, it->second.bytes);
   }
   Map::iterator FindImportByKey(const std::string& key) {
     for (auto it = map_.begin(); it != map_.end(); ++it) {

@@ -254,8 +254,8 @@ FAKE_EXPORT aclError aclrtDestroyStream(void* stream) {
   ENTRY(aclrtDestroyStream);
   REQUIRE_CTX("aclrtDestroyStream");
   int pending = fake_stream_pending((struct fake_stream*)stream);
-  fake_stream_destroy((struct fake_stream*)stream, 0);
   fake_trace("acl", "aclrtDestroyStream", 0, "stream=%p pending=%d", stream, pending);
+  fake_stream_destroy((struct fake_stream*)stream, 0);
   return ACL_SUCCESS;
 }
 
@@ -263,8 +263,8 @@ FAKE_EXPORT aclError aclrtDestroyStream(void* stream) {
 FAKE_EXPORT aclError aclrtDestroyStreamForce(void* stream) {
   ENTRY(aclrtDestroyStreamForce);
   REQUIRE_CTX("aclrtDestroyStreamForce");
-  fake_stream_destroy((struct fake_stream*)stream, 1);
   fake_trace("acl", "aclrtDestroyStreamForce", 0, "stream=%p", stream);
+  fake_stream_destroy((struct fake_stream*)stream, 1);
   return ACL_SUCCESS;
 }
 

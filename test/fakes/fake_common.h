@@ -285,13 +285,12 @@ static void* fake_stream_main(void* arg) {
     s->busy = 1;
     pthread_mutex_unlock(&s->mu);
 
+    fake_stream_throttle(s);  /* every operation, records and waits included */
     switch (t->kind) {
       case 0:
-        fake_stream_throttle(s);
         t->fn(t->arg);
         break;
       case 1:
-        fake_stream_throttle(s);
         memmove(t->dst, t->src, t->bytes);
         break;
       case 2:

@@ -97,7 +97,7 @@ export function buildFakes(): FakeLibraries {
       execFileSync(
         'gcc',
         [
-          '-std=gnu11', '-O1', '-g', '-fPIC', '-shared', '-pthread', '-fvisibility=hidden', '-Wall', '-Wno-unused-function',
+          '-std=gnu11', '-O1', '-g', '-fPIC', '-shared', '-pthread', '-fvisibility=hidden', '-Wall', '-Wno-unused-function', '-Wno-format-truncation',
           ...(v.defines ?? []).map((d) => `-D${d}`),
           `-Wl,-soname,${v.soname}`,
           '-o', out, path.join(sourceDir, v.source), ...link, '-lrt',
