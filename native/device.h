@@ -51,8 +51,9 @@ class Device {
   virtual Status CopyToDevice(DevicePtr dst, const void* src, size_t bytes) = 0;
   virtual Status CopyToHost(void* dst, DevicePtr src, size_t bytes) = 0;
   // A host pointer the CPU may use to read/write [ptr, ptr + bytes), or null when the
-  // device memory is not host-addressable (ACL/CUDA device memory).
-  virtual uint8_t* HostView(DevicePtr ptr, size_t bytes) const = 0;
+  // device memory is not host-addressable (ACL/CUDA device memory). With `keep`, also
+  // a reference that keeps the view mapped even if the memory is freed meanwhile.
+  virtual uint8_t* HostView(DevicePtr ptr, size_t bytes, std::shared_ptr<void>* keep = nullptr) const = 0;
 
   // --- streams (FIFO) ---------------------------------------------------------
   virtual Status CreateStream(std::unique_ptr<Stream>* out) = 0;

@@ -210,6 +210,9 @@ export class LayerwiseReceiver extends EventEmitter {
       resolve = res;
       reject = rej;
     });
+    // Decode usually awaits this only after publishing its blocks (an HTTP call): an early
+    // failure must not count as an unhandled rejection meanwhile.
+    promise.catch(() => {});
     const L = this.layout.numLayers;
     const req: RequestState = {
       id, blocks, senders, cachedTokens, status: 'pending', failure: null,
@@ -325,20 +328,26 @@ export class LayerwiseReceiver extends EventEmitter {
     return { layout: this.layout.describe(), windowBytes: this.windowBytes };
   }
 
-  private senderOf(b: Record<string, unknown>): [string, SenderInfo] {
+  /** The sender of a message, or why it is not accepted (no hello in this session). */
+  private senderOf(b: Record<string, unknown>): [string, SenderInfo] | string {
     const sender = expectString(b.sender, 'sender');
     const info = this.senders.get(sender);
-    if (!info || info.session !== b.session) throw new TransferError(`sender '${sender}' has not said hello in this session`, 'ERR_PROTOCOL');
+    if (!info || info.session !== b.session) return `sender '${sender}' has not said hello in this session`;
     return [sender, info];
   }
 
   private onLayer(raw: unknown): LayerReply {
     const b = expectObject(raw, 'layer notice');
-    const [sender, info] = this.senderOf(b);
+    const from = this.senderOf(b);
     const seq = expectInteger(b.seq, 'seq', 1);
     const layer = expectInteger(b.layer, 'layer', 0, this.layout.numLayers - 1);
     const bytes = expectInteger(b.bytes, 'bytes');
     if (!Array.isArray(b.entries)) protocolError('entries is not an array');
+    if (typeof from === 'string') {
+      const refused = (b.entries as unknown[]).map((e) => ({ id: String((e as { id?: unknown })?.id), code: 'ERR_PROTOCOL' as const, message: from }));
+      return { credit: bytes, refused };
+    }
+    const [sender, info] = from;
     if (seq <= info.lastSeq) {
       this.counts.duplicates++;
       return { credit: 0, refused: [] };
@@ -408,7 +417,9 @@ export class LayerwiseReceiver extends EventEmitter {
 
   private onDone(raw: unknown): OutcomeReply {
     const b = expectObject(raw, 'done');
-    const [sender, info] = this.senderOf(b);
+    const from = this.senderOf(b);
+    if (typeof from === 'string') return { ok: false, code: 'ERR_PROTOCOL', message: from };
+    const [sender, info] = from;
     const id = expectString(b.id, 'done.id');
     const end = expectInteger(b.end, 'done.end');
     const chunks = expectInteger(b.chunks, 'done.chunks');
@@ -448,7 +459,9 @@ export class LayerwiseReceiver extends EventEmitter {
 
   private onFailed(raw: unknown): OutcomeReply {
     const b = expectObject(raw, 'failed');
-    const [sender] = this.senderOf(b);
+    const from = this.senderOf(b);
+    if (typeof from === 'string') return { ok: false, code: 'ERR_PROTOCOL', message: from };
+    const [sender] = from;
     const id = expectString(b.id, 'failed.id');
     const req = this.requests.get(id);
     if (!req) return { ok: true, duplicate: true };

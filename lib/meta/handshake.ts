@@ -6,7 +6,7 @@
  */
 import net from 'node:net';
 import { TransferError, type ErrorCode } from '../errors.js';
-import { encodeFrame, FrameDecoder, MessageType, WIRE_VERSION, type Frame, type SegmentDescriptor } from './wire.js';
+import { encodeFrame, FrameDecoder, MAX_BODY, MessageType, WIRE_VERSION, type Frame, type SegmentDescriptor } from './wire.js';
 
 /** Who sent a control request. */
 export interface RequestContext {
@@ -121,7 +121,16 @@ export class ControlServer {
     const id = req.id;
     const handler = this.options.handlers?.get(req.topic);
     const reply = (body: unknown) => {
-      if (!socket.destroyed) socket.write(encodeFrame(MessageType.Response, body));
+      if (socket.destroyed) return;
+      let frame: Buffer;
+      try {
+        frame = encodeFrame(MessageType.Response, body);
+      } catch (err) {
+        // Too large or not JSON: the caller gets an error, this process keeps running.
+        const message = `the answer to '${String(req.topic)}' cannot be sent: ${(err as Error).message}`;
+        frame = encodeFrame(MessageType.Response, { id, ok: false, code: 'ERR_REMOTE', message });
+      }
+      socket.write(frame);
     };
     if (!handler) {
       reply({ id, ok: false, code: 'ERR_NO_HANDLER', message: `no handler for topic '${req.topic}'` });
@@ -147,7 +156,8 @@ export class ControlServer {
 /** The client side of one control connection. */
 export class ControlClient {
   private readonly decoder = new FrameDecoder();
-  private waiter: { resolve(d: SegmentDescriptor): void; reject(e: Error): void } | null = null;
+  /** HELLO / GET_SEGMENT requests awaiting their SEGMENT answer; the server answers in order. */
+  private readonly waiters: Array<{ resolve(d: SegmentDescriptor): void; reject(e: Error): void }> = [];
   private closedError: TransferError | null = null;
   private closeListeners: Array<(err: TransferError) => void> = [];
   private nextRequestId = 1;
@@ -187,9 +197,15 @@ export class ControlClient {
       await Promise.race([connected, timeout]);
       const segment = await Promise.race([client.request(MessageType.Hello, { version: WIRE_VERSION, ...hello }), timeout]);
       socket.setKeepAlive(true, 1000);
+      // Like the server, an idle connection does not keep the process alive (pending
+      // requests do, through their timers).
+      socket.unref();
       return { client, segment };
     } catch (err) {
       socket.destroy();
+      if (err instanceof TransferError && err.code === 'ERR_PEER_LOST') {
+        throw new TransferError(`${address} closed the connection during the handshake`, 'ERR_CONNECT', { cause: err });
+      }
       throw err;
     } finally {
       clearTimeout(timer);
@@ -213,13 +229,22 @@ export class ControlClient {
   call(topic: string, body: unknown, timeoutMs: number): Promise<unknown> {
     if (this.closedError) return Promise.reject(this.closedError);
     const id = this.nextRequestId++;
+    let frame: Buffer;
+    try {
+      frame = encodeFrame(MessageType.Request, { id, topic, body });
+    } catch (err) {
+      const reason = (err as Error).message;
+      return Promise.reject(
+        new TransferError(`Expected a JSON body under ${MAX_BODY} bytes for request '${topic}' but encoding failed: ${reason}`, 'ERR_BAD_ARGUMENT', { cause: err }),
+      );
+    }
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.requests.delete(id);
         reject(new TransferError(`request '${topic}' to ${this.address} timed out after ${timeoutMs} ms`, 'ERR_TIMEOUT'));
       }, timeoutMs);
       this.requests.set(id, { resolve, reject, timer });
-      this.socket.write(encodeFrame(MessageType.Request, { id, topic, body }));
+      this.socket.write(frame);
     });
   }
 
@@ -232,8 +257,7 @@ export class ControlClient {
   private handleClose(err: TransferError): void {
     if (this.closedError) return;
     this.closedError = err;
-    this.waiter?.reject(err);
-    this.waiter = null;
+    for (const w of this.waiters.splice(0)) w.reject(err);
     for (const r of this.requests.values()) {
       clearTimeout(r.timer);
       r.reject(err);
@@ -260,9 +284,8 @@ export class ControlClient {
 
   private request(type: MessageType, body: unknown): Promise<SegmentDescriptor> {
     if (this.closedError) return Promise.reject(this.closedError);
-    if (this.waiter) return Promise.reject(new TransferError('a control request is already in progress', 'ERR_PROTOCOL'));
     return new Promise((resolve, reject) => {
-      this.waiter = { resolve, reject };
+      this.waiters.push({ resolve, reject });
       this.socket.write(encodeFrame(type, body));
     });
   }
@@ -294,8 +317,7 @@ export class ControlClient {
         this.settle(f.body);
         continue;
       }
-      const waiter = this.waiter;
-      this.waiter = null;
+      // Every failure below aborts, which rejects the waiting requests too.
       if (f.type === MessageType.Error) {
         const body = (f.body ?? {}) as { code?: string; message?: string };
         const code = body.code === 'ERR_PROTOCOL_VERSION' ? 'ERR_PROTOCOL_VERSION' : 'ERR_PROTOCOL';
@@ -308,7 +330,8 @@ export class ControlClient {
         );
         return;
       }
-      if (f.type !== MessageType.Segment || !waiter) {
+      const waiter = f.type === MessageType.Segment ? this.waiters.shift() : undefined;
+      if (!waiter) {
         this.abort(new TransferError(`unexpected control message type ${f.type} from ${this.address}`, 'ERR_PROTOCOL'));
         return;
       }
