@@ -162,7 +162,7 @@ class AclDevice final : public Device, public std::enable_shared_from_this<AclDe
     return Status::Ok();
   }
 
-  uint8_t* HostView(DevicePtr, size_t) const override { return nullptr; }
+  uint8_t* HostView(DevicePtr, size_t, std::shared_ptr<void>*) const override { return nullptr; }
 
   // --- streams ----------------------------------------------------------------
   Status CreateStream(std::unique_ptr<Stream>* out) override {

@@ -160,7 +160,7 @@ class CudaDevice final : public Device, public std::enable_shared_from_this<Cuda
     return Status::Ok();
   }
 
-  uint8_t* HostView(DevicePtr, size_t) const override { return nullptr; }
+  uint8_t* HostView(DevicePtr, size_t, std::shared_ptr<void>*) const override { return nullptr; }
 
   // --- streams ----------------------------------------------------------------
   Status CreateStream(std::unique_ptr<Stream>* out) override {
