@@ -4,12 +4,18 @@
  *   epd-transfer probe [--json]
  *   epd-transfer bench transfer [--transport shm] [--op write|read] [--block 1MiB] [--batch 64]
  *                               [--threads n] [--inflight 2] [--region 512MiB] [--runs 5] [--json]
+ *   epd-transfer bench layerwise --model <profile> --tokens <n> [--link 25GB/s] [--transport shm]
+ *                                [--runs 3] [--integrity] [--trace out.json] [--json]
+ *   epd-transfer proxy [--prefill <url> --decode <url> | --pd <url>] [--encode <url>] [options]
+ *   epd-transfer proxy instances list|add|remove --proxy <url> [--role <role>] [url...]
+ *   epd-transfer bench proxy [--rate 500] [--json]
  *   epd-transfer shm-gc
  */
 import { parseArgs } from 'node:util';
 import { TransferError } from './errors.js';
 import { native } from './native.js';
 import { probe, type BackendStatus } from './probe.js';
+import { BENCH_PROXY_USAGE, PROXY_USAGE, benchProxyCommand, runProxyCommand } from './proxy/cli.js';
 import { expectInteger, parseBytes } from './validate.js';
 
 const USAGE = `Usage: epd-transfer <command> [options]
@@ -26,7 +32,17 @@ Commands:
       --region <size>            working set per side (512MiB)
       --runs <n>                 measured runs, median reported (5)
       --json                     one JSON object instead of the table
-  shm-gc                         remove shared memory left by crashed engines
+  bench layerwise [options]      layerwise KV push vs bulk transfer after a simulated prefill
+      --model <id>               model profile: llama3-8b, qwen2.5-7b, qwen2.5-vl-7b,
+                                 deepseek-v2-lite, deepseek-r1 (llama3-8b)
+      --tokens <n>               prompt tokens (4096)
+      --link <bandwidth>         emulate a link, e.g. 4GB/s, 25GB/s, 200Gbit/s (unpaced)
+      --transport shm|tcp        transport (shm)
+      --runs <n>                 measured runs of each mode, median reported (3)
+      --integrity                checksum every layer, verified by decode
+      --trace <file>             write a Chrome trace (prefill + decode) of the last run
+      --json                     one JSON object instead of the table
+${BENCH_PROXY_USAGE}${PROXY_USAGE}  shm-gc                         remove shared memory left by crashed engines
 `;
 
 async function benchTransfer(args: string[]): Promise<void> {
@@ -63,6 +79,35 @@ async function benchTransfer(args: string[]): Promise<void> {
   });
   if (values.json) console.log(JSON.stringify(result));
   else printTransferResult(result);
+}
+
+async function benchLayerwise(args: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args,
+    options: {
+      model: { type: 'string', default: 'llama3-8b' },
+      tokens: { type: 'string', default: '4096' },
+      link: { type: 'string' },
+      transport: { type: 'string', default: 'shm' },
+      runs: { type: 'string', default: '3' },
+      integrity: { type: 'boolean', default: false },
+      trace: { type: 'string' },
+      json: { type: 'boolean', default: false },
+    },
+  });
+  if (values.transport !== 'shm' && values.transport !== 'tcp') throw new TransferError('--transport must be shm or tcp', 'ERR_BAD_ARGUMENT');
+  const { runLayerwiseBench, printLayerwiseResult } = await import('../bench/layerwise.js');
+  const result = await runLayerwiseBench({
+    model: values.model,
+    tokens: expectInteger(Number(values.tokens), '--tokens', 1, 1 << 20),
+    link: values.link,
+    transport: values.transport,
+    runs: expectInteger(Number(values.runs), '--runs', 1, 100),
+    integrity: values.integrity,
+    trace: values.trace,
+  });
+  if (values.json) console.log(JSON.stringify(result));
+  else printLayerwiseResult(result);
 }
 
 function runProbe(args: string[]): void {
@@ -104,9 +149,16 @@ export async function main(argv: string[]): Promise<number> {
           await benchTransfer(args);
           return 0;
         }
+        if (what === 'layerwise') {
+          await benchLayerwise(args);
+          return 0;
+        }
+        if (what === 'proxy') return await benchProxyCommand(args);
         console.error(`unknown bench '${what ?? ''}'\n\n${USAGE}`);
         return 2;
       }
+      case 'proxy':
+        return await runProxyCommand(rest);
       case 'shm-gc':
         console.log(`removed ${native.reclaimStaleShm()} stale shared-memory object(s)`);
         return 0;

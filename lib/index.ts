@@ -1,6 +1,6 @@
 /** epd-transfer: move KV-cache layers and encoder embeddings between E/P/D processes. */
 export { TransferEngine, Region, Peer, DescriptorBatch } from './engine.js';
-export type { EngineOptions, ConnectOptions, TransferOptions, TransferResult, RemoteRegion, Descriptor, EngineCounters } from './engine.js';
+export type { EngineOptions, ConnectOptions, TransportChoice, TransferOptions, TransferResult, RemoteRegion, Descriptor, EngineCounters } from './engine.js';
 export { Device, DeviceStream, DeviceEvent } from './device.js';
 export type { DeviceAllocation } from './device.js';
 export { TransferError, isTransferError } from './errors.js';

@@ -65,6 +65,15 @@ export interface NativeEngine {
   /** op 0 = write, 1 = read. Returns [batchId, promise of bytes moved]. */
   submit(op: 0 | 1, peer: number, descriptors: Float64Array, count: number): [number, Promise<number>];
   abort(batchId: number, code: string): void;
+  /** Opens the tcp data listener; returns its "host:port". */
+  tcpListen(host: string, port: number): string;
+  /** Creates or replaces a grant (16 bytes) whose connections prove `key` (32 bytes) and may touch `regions`. */
+  tcpGrant(grant: Buffer, key: Buffer, regions: number[]): void;
+  /** Removes a grant and closes its data connections. */
+  tcpRevoke(grant: Buffer): void;
+  tcpStats(): { listening: boolean; serverConnections: number; clientConnections: number };
+  /** Opens and authenticates a tcp peer's data connections (off the JS thread). */
+  connectPeer(id: number): Promise<void>;
   counters(): BigUint64Array;
   inFlight(): number;
   close(): void;
@@ -110,6 +119,10 @@ export interface NativeBinding {
   memcpyBandwidth(dst: ArrayBufferView, src: ArrayBufferView, blockBytes: number, minMillis: number): number;
   /** Arrival (µs) of each message of `sizes` bytes offered at once to an emulated link. */
   linkSchedule(spec: NativeLinkSpec, sizes: number[]): Float64Array;
+  /** HMAC-SHA256 as the data connections compute it (checked against node:crypto by the tests). */
+  hmacSha256(key: ArrayBufferView, message: ArrayBufferView): Buffer;
+  /** Raw loopback socket pump: GB/s over `connections` connections moving `blockBytes` pieces. */
+  tcpPump(connections: number, blockBytes: number, workingSetBytes: number, millis: number): number;
   wireVersion: number;
   napiVersion: number;
 }

@@ -39,8 +39,6 @@ export interface ProbeResult {
   memcpyGbps: number;
 }
 
-const NOT_BUILT = 'not built into this version of epd-transfer yet';
-
 function fromNative(s: NativeVendorStatus): BackendStatus {
   // The native object already has exactly this shape; copy it so callers own it.
   return { ...s };
@@ -66,7 +64,7 @@ export function probe(options: { memcpyBytes?: number; millis?: number } = {}): 
     devices: { host: { available: true }, acl: vendor.acl, cuda: vendor.cuda },
     transports: {
       shm: { available: true },
-      tcp: { available: false, reason: `tcp transport is ${NOT_BUILT}` },
+      tcp: { available: true },
       mooncake: vendor.mooncake,
       hccl: vendor.hccl,
     },

@@ -1,5 +1,7 @@
 #include "engine_binding.h"
 
+#include <unistd.h>
+
 #include "link_binding.h"
 #include "util/napi_util.h"
 
@@ -113,6 +115,73 @@ PeerConfig ParsePeerConfig(Napi::Env env, Napi::Value v) {
   return config;
 }
 
+// Dials a tcp peer's data connections on a libuv worker, then hands them to the
+// engine on the JS thread. The worker touches only its own copy of the spec, so the
+// engine may close meanwhile: the sockets are then closed instead.
+class DialWorker : public Napi::AsyncWorker {
+ public:
+  DialWorker(Napi::Env env, EngineWrap* wrap, std::shared_ptr<std::atomic<bool>> closed, std::shared_ptr<Peer> peer,
+             Napi::Object self)
+      : Napi::AsyncWorker(env, "epd-transfer:dial"),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        wrap_(wrap),
+        closed_(std::move(closed)),
+        peer_(std::move(peer)),
+        spec_(peer_->tcp) {
+    self_ = Napi::Persistent(self);  // keeps the EngineWrap alive until OnOK/OnError
+  }
+  Napi::Promise Promise() { return deferred_.Promise(); }
+
+  void Execute() override { status_ = DialTcpPeer(spec_, &fds_); }
+
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (!status_.ok()) {
+      deferred_.Reject(MakeError(env, status_));
+      return;
+    }
+    if (closed_->load()) {
+      for (int fd : fds_) close(fd);
+      deferred_.Reject(MakeError(env, Code::kClosed, "engine closed while connecting"));
+      return;
+    }
+    Status st = wrap_->engine(env)->tcp()->Install(peer_, std::move(fds_));
+    if (st.ok()) deferred_.Resolve(env.Undefined());
+    else deferred_.Reject(MakeError(env, st));
+  }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  EngineWrap* wrap_;
+  std::shared_ptr<std::atomic<bool>> closed_;
+  std::shared_ptr<Peer> peer_;
+  TcpPeerSpec spec_;
+  Napi::ObjectReference self_;
+  Status status_;
+  std::vector<int> fds_;
+};
+
+std::vector<uint32_t> ParseIds(Napi::Env env, Napi::Value v) {
+  if (!v.IsArray()) Throw(env, Code::kBadArgument, "Expected an array of region ids");
+  auto a = v.As<Napi::Array>();
+  std::vector<uint32_t> ids;
+  for (uint32_t i = 0; i < a.Length(); ++i) {
+    Napi::Value e = a.Get(i);
+    if (!e.IsNumber()) Throw(env, Code::kBadArgument, "Expected numeric region ids");
+    ids.push_back(e.As<Napi::Number>().Uint32Value());
+  }
+  return ids;
+}
+
+std::string BytesArg(const Napi::CallbackInfo& info, size_t i, size_t expect, const char* name) {
+  uint8_t* data = nullptr;
+  size_t length = 0;
+  if (info.Length() <= i || !BytesOf(info[i], &data, &length) || length != expect) {
+    Throw(info.Env(), Code::kBadArgument, std::string("Expected ") + std::to_string(expect) + " bytes for " + name);
+  }
+  return std::string(reinterpret_cast<char*>(data), length);
+}
+
 void CleanupHook(void* arg) {
   // The environment is going away (process exit or worker termination) without
   // close(): stop the worker threads before it does.
@@ -150,6 +219,11 @@ Napi::Function EngineWrap::Define(Napi::Env env) {
                          InstanceMethod<&EngineWrap::DeviceInfo>("deviceInfo"),
                          InstanceMethod<&EngineWrap::DeviceIpcProcessId>("deviceIpcProcessId"),
                          InstanceMethod<&EngineWrap::DeviceIpcAllow>("deviceIpcAllow"),
+                         InstanceMethod<&EngineWrap::TcpListen>("tcpListen"),
+                         InstanceMethod<&EngineWrap::TcpGrant>("tcpGrant"),
+                         InstanceMethod<&EngineWrap::TcpRevoke>("tcpRevoke"),
+                         InstanceMethod<&EngineWrap::TcpStats>("tcpStats"),
+                         InstanceMethod<&EngineWrap::ConnectPeer>("connectPeer"),
                      });
 }
 
@@ -293,6 +367,7 @@ Napi::Value EngineWrap::Free(const Napi::CallbackInfo& info) {
   auto deferred = Napi::Promise::Deferred::New(env);
   if (fail_in_flight) e->AbortTouching(r->id, Code::kRegionFreed);
   uint32_t rid = r->id;
+  e->RegionFreeing(rid);
   if (e->regions().MarkFreeing(rid)) {
     deferred.Resolve(env.Undefined());
   } else {
@@ -534,6 +609,78 @@ Napi::Value EngineWrap::DeviceIpcAllow(const Napi::CallbackInfo& info) {
   if (pid == 0 || pid > 0x7fffffff) Throw(env, Code::kBadArgument, "Expected a positive process id for pid");
   Check(env, device_->IpcAllow(info[0].As<Napi::String>().Utf8Value(), static_cast<int32_t>(pid)));
   return env.Undefined();
+}
+
+}  // namespace epd
+
+namespace epd {
+
+Napi::Value EngineWrap::TcpListen(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Engine* e = engine(env);
+  if (info.Length() < 2 || !info[0].IsString()) Throw(env, Code::kBadArgument, "tcpListen(host, port)");
+  uint64_t port = ArgIndex(info, 1, "port");
+  if (port > 65535) Throw(env, Code::kBadArgument, "Expected a port in [0, 65535]");
+  std::string address;
+  Check(env, e->tcp()->Listen(info[0].As<Napi::String>().Utf8Value(), static_cast<int>(port), &address));
+  return Napi::String::New(env, address);
+}
+
+Napi::Value EngineWrap::TcpGrant(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Engine* e = engine(env);
+  std::string grant = BytesArg(info, 0, 16, "grant");
+  std::string key = BytesArg(info, 1, 32, "key");
+  std::vector<ExposedRegion> regions;
+  for (uint32_t id : ParseIds(env, info.Length() > 2 ? info[2] : env.Undefined())) {
+    Region* r = e->regions().Find(id);
+    // Host regions only: their bytes stay mapped (the mapping is shared) while a
+    // frame uses them, even if the region is freed meanwhile.
+    if (r == nullptr || r->freeing || !r->mapping || r->ptr == nullptr) continue;
+    regions.push_back(ExposedRegion{r->id, r->ptr, r->length, r->mapping});
+  }
+  e->tcp()->Grant(grant, key, std::move(regions));
+  return env.Undefined();
+}
+
+Napi::Value EngineWrap::TcpRevoke(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (closed_->load()) return env.Undefined();
+  engine_->tcp()->Revoke(BytesArg(info, 0, 16, "grant"));
+  return env.Undefined();
+}
+
+Napi::Value EngineWrap::TcpStats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto out = Napi::Object::New(env);
+  std::vector<uint64_t> s = closed_->load() ? std::vector<uint64_t>{0, 0, 0} : engine_->tcp()->Stats();
+  out.Set("listening", Napi::Boolean::New(env, s[0] != 0));
+  out.Set("serverConnections", Napi::Number::New(env, static_cast<double>(s[1])));
+  out.Set("clientConnections", Napi::Number::New(env, static_cast<double>(s[2])));
+  return out;
+}
+
+Napi::Value EngineWrap::ConnectPeer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Engine* e = engine(env);
+  uint64_t id = ArgIndex(info, 0, "peer id");
+  std::shared_ptr<Peer> peer = e->FindPeer(static_cast<uint32_t>(id));
+  if (!peer) Throw(env, Code::kUnknownPeer, "unknown peer " + std::to_string(id));
+  auto* worker = new DialWorker(env, this, closed_, peer, Value());
+  Napi::Promise promise = worker->Promise();
+  worker->Queue();
+  return promise;
+}
+
+Napi::Value HmacSha256Js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint8_t *k = nullptr, *m = nullptr;
+  size_t kl = 0, ml = 0;
+  if (info.Length() < 2 || !BytesOf(info[0], &k, &kl) || !BytesOf(info[1], &m, &ml)) {
+    Throw(env, Code::kBadArgument, "hmacSha256(key, message) takes two byte arrays");
+  }
+  std::string mac = TcpHmac(std::string(reinterpret_cast<char*>(k), kl), std::string(reinterpret_cast<char*>(m), ml));
+  return Napi::Buffer<uint8_t>::Copy(env, reinterpret_cast<const uint8_t*>(mac.data()), mac.size());
 }
 
 }  // namespace epd

@@ -5,13 +5,16 @@
  */
 import { fork, type ChildProcess } from 'node:child_process';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
 import OpenAI from 'openai';
 import { afterEach, expect } from 'vitest';
 import { EpdProxy, type ProxyOptions } from '../../lib/proxy/index.js';
-import { fixture } from '../helpers.js';
 import { startFakeWorker, type FakeBehaviour, type FakeLogEntry, type FakeWorker, type FakeWorkerOptions } from '../fixtures/proxy-worker.mjs';
 
 export type { FakeWorker, FakeLogEntry };
+
+// The proxy needs no native addon: these helpers do not load test/helpers.ts (which does).
+const WORKER_SCRIPT = fileURLToPath(new URL('../fixtures/proxy-worker.mjs', import.meta.url));
 
 const cleanup: Array<() => Promise<void>> = [];
 
@@ -36,7 +39,7 @@ export interface ChildWorker {
 }
 
 export async function childWorker(options: FakeWorkerOptions = {}): Promise<ChildWorker> {
-  const child = fork(fixture('proxy-worker.mjs'), [JSON.stringify(options)], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+  const child = fork(WORKER_SCRIPT, [JSON.stringify(options)], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
   const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
   const url = await new Promise<string>((resolve, reject) => {
     child.once('message', (m: { url: string }) => resolve(m.url));
