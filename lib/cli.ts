@@ -14,7 +14,7 @@
 import { parseArgs } from 'node:util';
 import { TransferError } from './errors.js';
 import { native } from './native.js';
-import { probe } from './probe.js';
+import { probe, type BackendStatus } from './probe.js';
 import { BENCH_PROXY_USAGE, PROXY_USAGE, benchProxyCommand, runProxyCommand } from './proxy/cli.js';
 import { expectInteger, parseBytes } from './validate.js';
 
@@ -121,10 +121,21 @@ function runProbe(args: string[]): void {
     console.log(JSON.stringify(result));
     return;
   }
+  const line = (v: BackendStatus): string => {
+    if (!v.available) return `unavailable: ${v.status ? `${v.status}: ` : ''}${v.reason}`;
+    const details = [
+      v.library,
+      v.devices === undefined ? undefined : `${v.devices} device(s)`,
+      v.version,
+      v.driverVersion === undefined ? undefined : `CUDA ${Math.floor(v.driverVersion / 1000)}.${(v.driverVersion % 1000) / 10}`,
+      v.ipc === false ? 'no IPC' : undefined,
+    ].filter(Boolean);
+    return details.length > 0 ? `available (${details.join(', ')})` : 'available';
+  };
   console.log('devices:');
-  for (const [k, v] of Object.entries(result.devices)) console.log(`  ${k.padEnd(9)} ${v.available ? 'available' : `unavailable (${v.reason})`}`);
+  for (const [k, v] of Object.entries(result.devices)) console.log(`  ${k.padEnd(9)} ${line(v)}`);
   console.log('transports:');
-  for (const [k, v] of Object.entries(result.transports)) console.log(`  ${k.padEnd(9)} ${v.available ? 'available' : `unavailable (${v.reason})`}`);
+  for (const [k, v] of Object.entries(result.transports)) console.log(`  ${k.padEnd(9)} ${line(v)}`);
   console.log(`memcpy: ${result.memcpyGbps.toFixed(2)} GB/s (single thread, 256 MiB working set)`);
   console.log(`tcp loopback: ${result.tcpLoopbackGbps.toFixed(2)} GB/s (raw sockets, one connection, 1 MiB sends)`);
 }

@@ -35,8 +35,15 @@ export interface EngineOptions {
   threads?: number;
   /** Descriptors larger than this are split across threads. Default 1 MiB. */
   chunkBytes?: number;
-  /** Device backend. Only `host` exists in this build. */
+  /**
+   * Device backend: `host` (default, the CPU), `acl` (Ascend NPU through
+   * libascendcl.so) or `cuda` (NVIDIA GPU through libcuda.so.1). Vendor runtimes are
+   * loaded at run time; one that cannot run here fails open() with
+   * ERR_BACKEND_UNAVAILABLE and the reason (see `probe()`).
+   */
   device?: 'host' | 'acl' | 'cuda';
+  /** Which NPU/GPU (ordinal as the runtime numbers them). Default 0. */
+  deviceId?: number;
   /** Default deadline of a batch. Default 30 000 ms. */
   timeoutMs?: number;
   /** Deadline of `connect`. Default 5 000 ms. */
@@ -379,7 +386,7 @@ export class TransferEngine {
   private dataAddress: string | undefined;
 
   private constructor(
-    private readonly options: Required<Pick<EngineOptions, 'threads' | 'chunkBytes' | 'timeoutMs' | 'connectTimeoutMs'>> & {
+    private readonly options: Required<Pick<EngineOptions, 'threads' | 'chunkBytes' | 'timeoutMs' | 'connectTimeoutMs' | 'device' | 'deviceId'>> & {
       link?: NativeLinkSpec;
       transport: TransportChoice;
       connections: number;
@@ -389,9 +396,14 @@ export class TransferEngine {
     private server: ControlServer | null,
   ) {
     this.name = name;
-    this.native = new native.NativeEngine({ threads: options.threads, chunkBytes: options.chunkBytes });
+    this.native = new native.NativeEngine({
+      threads: options.threads,
+      chunkBytes: options.chunkBytes,
+      device: options.device,
+      deviceId: options.deviceId,
+    });
     this.exitRef = closeOnExit(this.native);
-    this.device = new Device(this.native, 'host');
+    this.device = new Device(this.native, options.device);
     const view = this.native.counters();
     const counters = {} as Record<string, number>;
     COUNTER_NAMES.forEach((key, i) => Object.defineProperty(counters, key, { get: () => Number(view[i]), enumerable: true }));
@@ -402,18 +414,16 @@ export class TransferEngine {
   static async open(options?: EngineOptions): Promise<TransferEngine> {
     const o = expectOptionalObject(options, 'options') as EngineOptions;
     const device = o.device ?? 'host';
-    if (device !== 'host') {
-      if (device === 'acl' || device === 'cuda') {
-        throw new TransferError(`device backend '${device}' is not built into this version of epd-transfer`, 'ERR_BACKEND_UNAVAILABLE');
-      }
-      badArgument('options.device', '"host", "acl" or "cuda"', device);
-    }
+    if (device !== 'host' && device !== 'acl' && device !== 'cuda') badArgument('options.device', '"host", "acl" or "cuda"', device);
+    const deviceId = o.deviceId === undefined ? 0 : expectInteger(o.deviceId, 'options.deviceId', 0, 1024);
     const cpus = os.availableParallelism?.() ?? os.cpus().length;
     const resolved = {
       threads: o.threads === undefined ? Math.min(4, Math.max(2, cpus)) : expectInteger(o.threads, 'options.threads', 1, 64),
       chunkBytes: o.chunkBytes === undefined ? 1 << 20 : expectInteger(o.chunkBytes, 'options.chunkBytes', 4096),
       timeoutMs: o.timeoutMs === undefined ? 30_000 : expectTimeout(o.timeoutMs, 'options.timeoutMs'),
       connectTimeoutMs: o.connectTimeoutMs === undefined ? 5_000 : expectTimeout(o.connectTimeoutMs, 'options.connectTimeoutMs'),
+      device,
+      deviceId,
       link: resolveLink(o.link, 'options.link'),
       transport: o.transport === undefined ? 'auto' : expectTransport(o.transport, 'options.transport'),
       connections: o.connections === undefined ? DEFAULT_CONNECTIONS : expectInteger(o.connections, 'options.connections', 1, 16),
@@ -457,9 +467,10 @@ export class TransferEngine {
   }
 
   /** What this engine can do. */
-  capabilities(): { device: string; transports: string[]; threads: number; chunkBytes: number; wireVersion: number; napiVersion: number; addon: string } {
+  capabilities(): { device: string; deviceId: number; transports: string[]; threads: number; chunkBytes: number; wireVersion: number; napiVersion: number; addon: string } {
     return {
       device: this.device.kind,
+      deviceId: this.options.deviceId,
       transports: ['shm', 'tcp'],
       threads: this.options.threads,
       chunkBytes: this.options.chunkBytes,

@@ -48,6 +48,8 @@ export interface NativeEvent {
   record(stream: NativeStream): void;
   query(): boolean;
   synchronize(timeoutMs: number): Promise<void>;
+  /** The runtime's event handle (aclrtEvent / CUevent); 0n on the host device. */
+  handle(): bigint;
   destroy(): void;
 }
 
@@ -84,10 +86,34 @@ export interface NativeEngine {
   deviceIpcClose(ptr: bigint): void;
   createStream(): NativeStream;
   createEvent(): NativeEvent;
+  /** Wraps a foreign aclrtEvent / CUevent handle; the wrapper never destroys it. */
+  wrapEvent(handle: bigint): NativeEvent;
+  deviceInfo(): { kind: 'host' | 'acl' | 'cuda'; ordinal: number };
+  /** The id an exporter passes to deviceIpcAllow for this process (ACL: the bare tgid). */
+  deviceIpcProcessId(): number;
+  /** Lets process `pid` import `key` ('' = every key this device exported or will export). */
+  deviceIpcAllow(key: string, pid: number): void;
+}
+
+/** What one vendor backend found on this host (see docs/VENDOR.md). */
+export interface NativeVendorStatus {
+  available: boolean;
+  /** 'available' | 'missing-library' | 'missing-symbol' | 'stub-library' | 'no-device' | 'init-failed' | 'needs-other-backend' */
+  status: string;
+  reason?: string;
+  /** The library file that was opened (or the override that could not be). */
+  library?: string;
+  devices?: number;
+  version?: string;
+  driverVersion?: number;
+  ipc?: boolean;
+  batchSendRecv?: boolean;
 }
 
 export interface NativeBinding {
-  NativeEngine: new (options: { threads: number; chunkBytes: number }) => NativeEngine;
+  NativeEngine: new (options: { threads: number; chunkBytes: number; device?: string; deviceId?: number }) => NativeEngine;
+  /** Loads (on first use) and reports each vendor backend. */
+  vendorBackends(): { acl: NativeVendorStatus; cuda: NativeVendorStatus; hccl: NativeVendorStatus; mooncake: NativeVendorStatus };
   setErrorClass(ctor: typeof TransferError): void;
   reclaimStaleShm(): number;
   memcpyBandwidth(dst: ArrayBufferView, src: ArrayBufferView, blockBytes: number, minMillis: number): number;

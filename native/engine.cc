@@ -32,7 +32,7 @@ int OpenPidfd(int pid) {
 Engine::Engine(const EngineOptions& options, std::function<void()> notify)
     : options_(options),
       notify_(std::move(notify)),
-      device_(CreateHostDevice()),
+      device_(options.device ? options.device : std::shared_ptr<Device>(CreateHostDevice())),
       regions_(device_.get()),
       pool_(std::make_unique<WorkQueue>(options.threads)),
       shm_(CreateShmTransport(pool_.get(), device_.get(), options.chunk_bytes,

@@ -45,6 +45,8 @@ struct Counters {
 struct EngineOptions {
   size_t threads = 2;
   size_t chunk_bytes = 1 << 20;
+  // The engine's device; null means the host device.
+  std::shared_ptr<Device> device;
 };
 
 // Descriptor layout in the Float64Array a batch arrives as.

@@ -47,6 +47,39 @@ std::vector<RemoteRegionSpec> ParseSpecs(Napi::Env env, Napi::Value v) {
   return specs;
 }
 
+// options.device: "host" (default) | "acl" | "cuda"; options.deviceId: the ordinal.
+std::shared_ptr<Device> CreateDevice(Napi::Env env, Napi::Object o) {
+  std::string kind = "host";
+  int ordinal = 0;
+  if (!o.IsEmpty()) {
+    Napi::Value k = o.Get("device");
+    if (!k.IsUndefined()) {
+      if (!k.IsString()) Throw(env, Code::kBadArgument, "Expected \"host\", \"acl\" or \"cuda\" for device");
+      kind = k.As<Napi::String>().Utf8Value();
+    }
+    Napi::Value id = o.Get("deviceId");
+    if (!id.IsUndefined()) {
+      double d = id.IsNumber() ? id.As<Napi::Number>().DoubleValue() : -1;
+      if (!(d >= 0 && d <= 1024) || static_cast<double>(static_cast<int>(d)) != d) {
+        Throw(env, Code::kBadArgument, "Expected an integer in [0, 1024] for deviceId");
+      }
+      ordinal = static_cast<int>(d);
+    }
+  }
+  std::unique_ptr<Device> device;
+  if (kind == "host") {
+    if (ordinal != 0) Throw(env, Code::kBadArgument, "the host device has only deviceId 0");
+    device = CreateHostDevice();
+  } else if (kind == "acl") {
+    Check(env, CreateAclDevice(ordinal, &device));
+  } else if (kind == "cuda") {
+    Check(env, CreateCudaDevice(ordinal, &device));
+  } else {
+    Throw(env, Code::kBadArgument, "Expected \"host\", \"acl\" or \"cuda\" for device but received \"" + kind + "\"");
+  }
+  return std::shared_ptr<Device>(std::move(device));
+}
+
 // addPeer's options: { transport, link, tcp } (lib/engine.ts builds them).
 PeerConfig ParsePeerConfig(Napi::Env env, Napi::Value v) {
   PeerConfig config;
@@ -182,6 +215,10 @@ Napi::Function EngineWrap::Define(Napi::Env env) {
                          InstanceMethod<&EngineWrap::DeviceIpcClose>("deviceIpcClose"),
                          InstanceMethod<&EngineWrap::CreateStream>("createStream"),
                          InstanceMethod<&EngineWrap::CreateEvent>("createEvent"),
+                         InstanceMethod<&EngineWrap::WrapEvent>("wrapEvent"),
+                         InstanceMethod<&EngineWrap::DeviceInfo>("deviceInfo"),
+                         InstanceMethod<&EngineWrap::DeviceIpcProcessId>("deviceIpcProcessId"),
+                         InstanceMethod<&EngineWrap::DeviceIpcAllow>("deviceIpcAllow"),
                          InstanceMethod<&EngineWrap::TcpListen>("tcpListen"),
                          InstanceMethod<&EngineWrap::TcpGrant>("tcpGrant"),
                          InstanceMethod<&EngineWrap::TcpRevoke>("tcpRevoke"),
@@ -202,6 +239,7 @@ EngineWrap::EngineWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Engine
   }
   if (options.threads < 1 || options.threads > 64) Throw(env, Code::kBadArgument, "threads must be in 1..64");
   if (options.chunk_bytes < 4096) Throw(env, Code::kBadArgument, "chunkBytes must be at least 4096");
+  options.device = CreateDevice(env, info.Length() > 0 && info[0].IsObject() ? info[0].As<Napi::Object>() : Napi::Object());
 
   channel_ = new Channel{this};
   tsfn_ = Tsfn::New(env, "epd-transfer:completions", 0, 1, channel_,
@@ -539,6 +577,38 @@ Napi::Value EngineWrap::CreateStream(const Napi::CallbackInfo& info) {
 Napi::Value EngineWrap::CreateEvent(const Napi::CallbackInfo& info) {
   engine(info.Env());
   return State(info.Env())->event_class.New({Value()});
+}
+
+Napi::Value EngineWrap::WrapEvent(const Napi::CallbackInfo& info) {
+  engine(info.Env());
+  ArgPointer(info, 0, "event handle");
+  return State(info.Env())->event_class.New({Value(), info[0]});
+}
+
+Napi::Value EngineWrap::DeviceInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto out = Napi::Object::New(env);
+  out.Set("kind", Napi::String::New(env, device_->kind()));
+  out.Set("ordinal", Napi::Number::New(env, device_->ordinal()));
+  return out;
+}
+
+Napi::Value EngineWrap::DeviceIpcProcessId(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  engine(env);
+  int32_t pid = 0;
+  Check(env, device_->IpcProcessId(&pid));
+  return Napi::Number::New(env, pid);
+}
+
+Napi::Value EngineWrap::DeviceIpcAllow(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  engine(env);
+  if (info.Length() < 2 || !info[0].IsString()) Throw(env, Code::kBadArgument, "deviceIpcAllow(key, pid)");
+  uint64_t pid = ArgIndex(info, 1, "pid");
+  if (pid == 0 || pid > 0x7fffffff) Throw(env, Code::kBadArgument, "Expected a positive process id for pid");
+  Check(env, device_->IpcAllow(info[0].As<Napi::String>().Utf8Value(), static_cast<int32_t>(pid)));
+  return env.Undefined();
 }
 
 }  // namespace epd

@@ -329,16 +329,21 @@ export async function forwardPd(ctx: FlowContext, plan: RequestPlan, requestId: 
     const pd = lease.instance;
     const hopId = attempt === 0 ? requestId : `${requestId}:r${attempt}`;
     trace.decode = { start: now(), instance: pd.url };
+    // Ending the scope on every path releases the upstream connection even if relaying stopped early.
+    const scope = deadline(signal, undefined, () => 'pd');
     try {
       const res = await ctx.upstream.post(pd, ENDPOINT_PATHS[plan.endpoint], body, {
         requestId: hopId,
-        signal,
+        signal: scope.signal,
         headersTimeoutMs: ctx.timeouts.responseMs,
         idleTimeoutMs: ctx.timeouts.idleMs,
       });
-      await relay(ctx, res, client, writer, plan, pd, signal, trace);
+      await relay(ctx, res, client, writer, plan, pd, scope.signal, trace);
     } catch (err) {
-      throw upstreamError(err, pd, signal);
+      throw upstreamError(err, pd, scope.signal);
+    } finally {
+      scope.abort(new ProxyError('the pd attempt ended', 'ERR_ABORTED', { status: 499 }));
+      scope.done();
     }
   });
 }

@@ -136,13 +136,18 @@ export class EpdProxy {
     }
     const proxy = new EpdProxy(options);
     for (const role of ROLES) for (const url of options.instances?.[role] ?? []) proxy.pools.get(role)!.add(url);
-    await new Promise<void>((resolve, reject) => {
-      proxy.server.once('error', reject);
-      proxy.server.listen(options.port ?? 8000, host, () => {
-        proxy.server.off('error', reject);
-        resolve();
+    try {
+      await new Promise<void>((resolve, reject) => {
+        proxy.server.once('error', reject);
+        proxy.server.listen(options.port ?? 8000, host, () => {
+          proxy.server.off('error', reject);
+          resolve();
+        });
       });
-    });
+    } catch (err) {
+      await proxy.ctx.upstream.close();
+      throw err;
+    }
     const { port } = proxy.server.address() as AddressInfo;
     proxy.baseUrl = `http://${host.includes(':') ? `[${host}]` : host}:${port}`;
     proxy.ctx.metaserverUrl = `${(options.advertiseUrl ?? proxy.baseUrl).replace(/\/+$/, '')}/v1/metaserver`;

@@ -126,3 +126,28 @@ export async function collectChat(stream: AsyncIterable<OpenAI.Chat.ChatCompleti
   for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? '';
   return text;
 }
+
+const ROOT = fileURLToPath(new URL('../..', import.meta.url));
+
+/** A running `epd-transfer …` command (the compiled CLI, as users run it). */
+export interface CliProcess {
+  child: ChildProcess;
+  stdout(): string;
+  stderr(): string;
+  /** Resolves with the exit code (or signal) once the process is gone. */
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+}
+
+export function cli(args: string[], env: NodeJS.ProcessEnv = {}): CliProcess {
+  const child = fork(`${ROOT}bin/epd-transfer.js`, args, { cwd: ROOT, env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe', 'ipc'] });
+  let out = '';
+  let err = '';
+  child.stdout!.on('data', (d) => (out += d));
+  child.stderr!.on('data', (d) => (err += d));
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
+  cleanup.push(async () => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+    await exited;
+  });
+  return { child, stdout: () => out, stderr: () => err, exited };
+}
