@@ -1,5 +1,4 @@
 /**
-
  * What this host offers: device backends, transports, and the memcpy and loopback
  * TCP bandwidths every transfer figure should be read against.
  *
