@@ -25,7 +25,15 @@ import { fileURLToPath } from 'node:url';
 import { cmakeBuild } from './cmake-build.mjs';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
-const NATIVE_TESTS = ['test/engine', 'test/device', 'test/build/native-smoke.test.ts'];
+const NATIVE_TESTS = [
+  'test/engine',
+  'test/device',
+  'test/build/native-smoke.test.ts',
+  // tcp transport and link emulator: sockets, threads and frame parsing in C++ (about a minute).
+  'test/tcp/transfer.test.ts',
+  'test/tcp/faults.test.ts',
+  'test/tcp/link.test.ts',
+];
 const REPORT_PATTERN = /ERROR: AddressSanitizer|ERROR: LeakSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer/;
 export const ASAN_REPORT_FILE = '.vitest-asan.json';
 
