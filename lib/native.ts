@@ -121,7 +121,12 @@ export interface NativeBinding {
   linkSchedule(spec: NativeLinkSpec, sizes: number[]): Float64Array;
   /** HMAC-SHA256 as the data connections compute it (checked against node:crypto by the tests). */
   hmacSha256(key: ArrayBufferView, message: ArrayBufferView): Buffer;
-  /** Raw loopback socket pump: GB/s over `connections` connections moving `blockBytes` pieces from `src` into `dst`. */
+  /** Receiving end of a two-process loopback pump: drains `connections` connections into `dst`. */
+  tcpPumpReceiver(connections: number, blockBytes: number, dst: ArrayBufferView): { port: number; handle: object };
+  tcpPumpReceiverClose(handle: object): void;
+  /** Sending end: GB/s sent over `connections` connections to the receiver on `port`, `blockBytes` per send, from `src`. */
+  tcpPumpSend(port: number, connections: number, blockBytes: number, src: ArrayBufferView, millis: number): number;
+  /** Raw loopback socket pump in this process: GB/s over `connections` connections moving `blockBytes` pieces from `src` into `dst`. */
   tcpPump(connections: number, blockBytes: number, src: ArrayBufferView, dst: ArrayBufferView, millis: number): number;
   wireVersion: number;
   napiVersion: number;
