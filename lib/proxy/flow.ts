@@ -77,6 +77,9 @@ export function now(): number {
   return performance.timeOrigin + performance.now();
 }
 
+/** Reason of an attempt's scope when the attempt is over (one object: no stack captured per request). */
+const ATTEMPT_ENDED = new ProxyError('the decode attempt ended', 'ERR_ABORTED', { status: 499 });
+
 function noInstance(role: Role): ProxyError {
   return new ProxyError(`no ${role} instance is available`, 'ERR_BACKEND_UNAVAILABLE', { status: 503, type: 'service_unavailable' });
 }
@@ -329,21 +332,19 @@ export async function forwardPd(ctx: FlowContext, plan: RequestPlan, requestId: 
     const pd = lease.instance;
     const hopId = attempt === 0 ? requestId : `${requestId}:r${attempt}`;
     trace.decode = { start: now(), instance: pd.url };
-    // Ending the scope on every path releases the upstream connection even if relaying stopped early.
-    const scope = deadline(signal, undefined, () => 'pd');
+    let res: OpenResponse | undefined;
     try {
-      const res = await ctx.upstream.post(pd, ENDPOINT_PATHS[plan.endpoint], body, {
+      res = await ctx.upstream.post(pd, ENDPOINT_PATHS[plan.endpoint], body, {
         requestId: hopId,
-        signal: scope.signal,
+        signal,
         headersTimeoutMs: ctx.timeouts.responseMs,
         idleTimeoutMs: ctx.timeouts.idleMs,
       });
-      await relay(ctx, res, client, writer, plan, pd, scope.signal, trace);
+      await relay(ctx, res, client, writer, plan, pd, signal, trace);
     } catch (err) {
-      throw upstreamError(err, pd, scope.signal);
-    } finally {
-      scope.abort(new ProxyError('the pd attempt ended', 'ERR_ABORTED', { status: 499 }));
-      scope.done();
+      // Relaying may have stopped early: release the upstream connection now.
+      res?.body.destroy();
+      throw upstreamError(err, pd, signal);
     }
   });
 }
@@ -391,7 +392,8 @@ export async function decodeFirst(ctx: FlowContext, plan: RequestPlan, requestId
       throw upstreamError(err, d, attemptScope.signal);
     } finally {
       close();
-      attemptScope.abort(new ProxyError('the decode attempt ended', 'ERR_ABORTED', { status: 499 }));
+      // Cancels a prefill still running for this attempt (after a success it has finished: a no-op).
+      attemptScope.abort(ATTEMPT_ENDED);
       attemptScope.done();
     }
   });
