@@ -49,6 +49,7 @@ export interface RequestTrace {
   path?: 'p-d' | 'pd';
   start: number;
   end: number;
+  /** HTTP status of the answer; for a failure after the first byte, the status of that failure; 499 when the client left. */
   status: number;
   error?: { code: string; message: string };
   encode?: { start: number; end: number; items: number; encoded: number; cacheHits: number; coalesced: number; instances: string[] };
