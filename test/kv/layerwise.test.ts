@@ -7,7 +7,7 @@ import { LayerwiseReceiver } from '../../lib/kv/receiver.js';
 import { LayerwiseSender } from '../../lib/kv/sender.js';
 import { KvTracer } from '../../lib/kv/trace.js';
 import { mlaTensors } from '../../lib/kv/layout.js';
-import type { Region } from '../../lib/index.js';
+import type { Region, TransferEngine } from '../../lib/index.js';
 import { closeEngines, expectCode, openEngine, waitFor } from '../helpers.js';
 import { allLayersReady, cache, deferred, mismatches, pair, range, SMALL, track, untouched, type Geometry, type Side } from './kv-helpers.js';
 
@@ -381,16 +381,31 @@ describe('prefill block lifetime over a slowed link (link emulation)', () => {
   });
 
   it('an abort while a layer is on the wire releases only after that write completed', async () => {
-    const trace = new KvTracer();
-    const { p, d, sender, receiver } = await setup(SMALL, { sender: { trace } });
-    const peer = await p.engine.connect(d.engine.address!, { link: { bandwidth: '40kB/s' } }); // 12 KiB per layer: ~300 ms each
-    const received = receiver.expect('wire', { blocks: range(0, 6), deadlineMs: 10_000 });
+    let inFlightAtAbort = -1;
+    let sender!: LayerwiseSender;
+    let engine!: TransferEngine;
+    // Aborts right after layer 1's batch was submitted (the link keeps it on the wire ~300 ms).
+    class AbortOnLayer1 extends KvTracer {
+      override record(e: Parameters<KvTracer['record']>[0]): void {
+        super.record(e);
+        if (e.phase === 'sendStart' && e.layer === 1) {
+          setImmediate(() => {
+            inFlightAtAbort = engine.inFlight;
+            sender.abort('wire');
+          });
+        }
+      }
+    }
+    const trace = new AbortOnLayer1();
+    const x = await setup(SMALL, { sender: { trace } });
+    sender = x.sender;
+    engine = x.p.engine;
+    const peer = await engine.connect(x.d.engine.address!, { link: { bandwidth: '40kB/s' } }); // 12 KiB per layer
+    const received = x.receiver.expect('wire', { blocks: range(0, 6), deadlineMs: 10_000 });
     const h = sender.add({ requestId: 'wire', peer, localBlocks: range(10, 6), remoteBlocks: range(0, 6), tokens: 48 });
     allLayersReady(sender, SMALL.layers);
-    await waitFor(() => trace.events.some((e) => e.phase === 'sendStart' && e.layer === 1), 'layer 1 on the wire');
-    expect(p.engine.inFlight).toBe(1);
-    sender.abort('wire');
-    const atRelease = await h.released.then(() => ({ inFlight: p.engine.inFlight, ended: trace.events.some((e) => e.phase === 'sendEnd' && e.layer === 1) }));
+    const atRelease = await h.released.then(() => ({ inFlight: engine.inFlight, ended: trace.events.some((e) => e.phase === 'sendEnd' && e.layer === 1) }));
+    expect(inFlightAtAbort).toBe(1);
     expect(atRelease).toEqual({ inFlight: 0, ended: true });
     expect(trace.events.some((e) => e.phase === 'sendStart' && e.layer === 2)).toBe(false);
     await expect(received).rejects.toMatchObject({ code: 'ERR_ABORTED' });
