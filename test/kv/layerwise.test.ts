@@ -66,6 +66,47 @@ describe('layerwise push', () => {
     expect(mismatches(p, d, local, remote, 0, 5)).toEqual([]);
   });
 
+  it('waits for device events recorded after each layer\'s (simulated) compute, in layer order', async () => {
+    const trace = new KvTracer();
+    const { p, d, sender, receiver } = await setup(SMALL, { sender: { trace } });
+    const stream = p.engine.device.createStream();
+    const events = range(0, SMALL.layers).map(() => p.engine.device.createEvent());
+    const received = receiver.expect('dev', { blocks: [1, 2], deadlineMs: 10_000 });
+    const h = sender.add({ requestId: 'dev', peer: d.engine.address!, localBlocks: [3, 4], remoteBlocks: [1, 2], tokens: 16 });
+    events.forEach((ev, l) => {
+      stream.sleep(2_000); // the layer's compute
+      ev.record(stream);
+      sender.layerReady(l, ev);
+    });
+    await h.result;
+    await received;
+    // Each layer went out only after its event completed.
+    const ready = trace.events.filter((e) => e.phase === 'ready').map((e) => e.layer);
+    expect(ready).toEqual(range(0, SMALL.layers));
+    for (let l = 0; l < SMALL.layers; l++) {
+      const readyAt = trace.events.find((e) => e.phase === 'ready' && e.layer === l)!.ts;
+      const sentAt = trace.events.find((e) => e.phase === 'sendStart' && e.layer === l)!.ts;
+      expect(sentAt).toBeGreaterThanOrEqual(readyAt);
+    }
+    expect(mismatches(p, d, [3, 4], [1, 2], 0, 2)).toEqual([]);
+    stream.destroy();
+  });
+
+  it('fails the step when a device event does not complete within signalTimeoutMs', async () => {
+    const { p, d, sender, receiver } = await setup(SMALL, { sender: { signalTimeoutMs: 100 } });
+    const stream = p.engine.device.createStream();
+    const event = p.engine.device.createEvent();
+    stream.sleep(600_000); // a compute far slower than the signal deadline
+    event.record(stream);
+    const received = receiver.expect('hung', { blocks: [0], deadlineMs: 10_000 });
+    const h = sender.add({ requestId: 'hung', peer: d.engine.address!, localBlocks: [0], remoteBlocks: [0], tokens: 8 });
+    sender.layerReady(0, event);
+    await expect(h.result).rejects.toMatchObject({ code: 'ERR_TIMEOUT' });
+    await expect(received).rejects.toMatchObject({ code: 'ERR_TIMEOUT', invalidBlockIds: [0] });
+    await stream.synchronize();
+    stream.destroy();
+  });
+
   it('fuses the requests of a step that go to one decode engine into one batch per layer', async () => {
     const trace = new KvTracer();
     const { p, d, sender, receiver } = await setup(SMALL, { sender: { trace } });
