@@ -20,7 +20,7 @@ import { WIRE_VERSION, type SegmentDescriptor } from './meta/wire.js';
 import { resolveLink, type LinkOptions, type NativeLinkSpec } from './link.js';
 import { addonPath, COUNTER_NAMES, native, type NativeEngine } from './native.js';
 import { vendorBackends } from './probe.js';
-import { HCCL_CLOSE, HcclResponder, hcclAgree, hcclConnect } from './vendor/hccl.js';
+import { HCCL_CLOSE, HcclResponder, hcclAgree, hcclConnect, hcclLanded } from './vendor/hccl.js';
 import { badArgument, expectInteger, expectOptionalObject, expectString, expectTimeout } from './validate.js';
 
 /** Options of {@link TransferEngine.open}. */
@@ -806,13 +806,22 @@ export class TransferEngine {
    * hccl: the batch is held (validated, pinned, nothing posted) until the peer has
    * posted the mirror half; then it is released. A refusal drops it unposted.
    */
-  private async agreeHccl(peer: Peer, op: 0 | 1, batchId: number, data: Float64Array, count: number, timeoutMs: number, done: Promise<number>): Promise<void> {
+  private async agreeHccl(
+    peer: Peer,
+    op: 0 | 1,
+    batchId: number,
+    data: Float64Array,
+    count: number,
+    timeoutMs: number,
+    done: Promise<number>,
+  ): Promise<{ landed?: Promise<void> }> {
     const request = (topic: string, body: unknown, ms: number) => peer.request(topic, body, { timeoutMs: ms });
     // `done` may settle while we wait for the peer (a link already closed); the
     // caller awaits it afterwards, or sees the peer's refusal instead.
     done.catch(() => {});
+    let remoteId: number;
     try {
-      await hcclAgree(request, peer.hcclSession!, op, data, count, timeoutMs);
+      remoteId = await hcclAgree(request, peer.hcclSession!, op, data, count, timeoutMs);
     } catch (err) {
       this.native.abort(batchId, isTransferError(err, 'ERR_TIMEOUT') ? 'ERR_TIMEOUT' : 'ERR_ABORTED');
       throw err;
@@ -825,7 +834,12 @@ export class TransferEngine {
       request(HCCL_CLOSE, { session: peer.hcclSession }, 1_000).catch(() => {});
       peer._markLost(new TransferError(`hccl link to peer '${peer.name}' closed: a batch stopped after the peer posted its half`, 'ERR_PEER_LOST'));
       if (!this.closed) this.native.dropPeer(peer.nativeId, 'ERR_PEER_LOST', false);
+      return {};
     }
+    if (op !== 0) return {}; // a read landed when our own receive completed
+    const landed = hcclLanded(request, peer.hcclSession!, remoteId, timeoutMs);
+    landed.catch(() => {}); // awaited after `done`
+    return { landed };
   }
 
   /** @internal Throws ERR_CLOSED once close() has begun. */
@@ -864,8 +878,9 @@ export class TransferEngine {
     signal?.addEventListener('abort', onAbort, { once: true });
     this.inflight.add(done);
     try {
-      if (peer.transport === 'hccl') await this.agreeHccl(peer, op, batchId, data, count, timeoutMs, done);
+      const hccl = peer.transport === 'hccl' ? await this.agreeHccl(peer, op, batchId, data, count, timeoutMs, done) : undefined;
       const bytes = await done;
+      await hccl?.landed;
       return { bytes, descriptors: count };
     } catch (err) {
       this.noteLoss(peer, err);

@@ -10,6 +10,11 @@
  *                                                                         HcclCommInitRootInfo)
  *   write:   validate + pin, hold ── epd.hccl.post {op: recv, items} ──▶ validate + pin,
  *            release (HcclSend)  ◀──────────────── posted ────────────── post HcclRecv
+ *            ───────────────────────── epd.hccl.wait {id} ─────────────▶ (its receive done)
+ *            resolve when both   ◀──────────────── landed ─────────────
+ *
+ * A write resolves only once the receiver's HcclRecv completed: a send completing
+ * on our stream does not mean the bytes are in the receiver's buffer.
  *
  * A batch the acceptor refuses (bad region, wrong memory kind) is dropped on both
  * sides before anything is posted. A batch stopped after posting (deadline, abort)
@@ -24,6 +29,7 @@ import type { NativeEngine } from '../native.js';
 export const HCCL_JOIN = 'epd.hccl.join';
 export const HCCL_POST = 'epd.hccl.post';
 export const HCCL_CLOSE = 'epd.hccl.close';
+export const HCCL_WAIT = 'epd.hccl.wait';
 
 /** HCCL_ROOT_INFO_BYTES */
 const ROOT_INFO_BYTES = 4108;
@@ -39,6 +45,8 @@ interface Session {
   peerId: number;
   control?: ControlSession;
   deadlines: Set<NodeJS.Timeout>;
+  /** Receives posted for the connector's writes, until it waits for them. */
+  receives: Map<number, Promise<number>>;
 }
 
 /** The acceptor side: answers join, post and close requests of connectors. */
@@ -53,6 +61,7 @@ export class HcclResponder {
       [HCCL_JOIN, (body, ctx) => this.join(body, ctx)],
       [HCCL_POST, (body) => this.post(body)],
       [HCCL_CLOSE, (body) => this.close(body)],
+      [HCCL_WAIT, (body) => this.wait(body)],
     ];
   }
 
@@ -74,7 +83,7 @@ export class HcclResponder {
       this.native.hcclDiscard(link);
       throw err;
     }
-    this.sessions.set(body.session, { peerId, control: ctx.session, deadlines: new Set() });
+    this.sessions.set(body.session, { peerId, control: ctx.session, deadlines: new Set(), receives: new Map() });
     return { joined: true };
   }
 
@@ -98,12 +107,27 @@ export class HcclResponder {
     const [batchId, done] = this.native.submit(body.op === 'recv' ? 1 : 0, s.peerId, data, count);
     const timer = setTimeout(() => this.native.abort(batchId, 'ERR_TIMEOUT'), deadlineMs);
     s.deadlines.add(timer);
-    // The connector learns the outcome from its own half; ours only has to end.
     done.catch(() => {}).finally(() => {
       clearTimeout(timer);
       s.deadlines.delete(timer);
     });
-    return { posted: true };
+    // A receive's completion is what tells the writer its bytes landed (HCCL_WAIT);
+    // for a send, the connector's own receive tells it.
+    if (body.op === 'recv') s.receives.set(batchId, done);
+    return { posted: true, id: batchId };
+  }
+
+  private async wait(raw: unknown): Promise<unknown> {
+    const body = (raw ?? {}) as { session?: unknown; id?: unknown };
+    const s = typeof body.session === 'string' ? this.sessions.get(body.session) : undefined;
+    if (!s) throw new TransferError('hccl wait: unknown session (connect again)', 'ERR_PEER_LOST');
+    const done = typeof body.id === 'number' ? s.receives.get(body.id) : undefined;
+    if (!done) badRequest('hccl wait: no such receive');
+    try {
+      return { bytes: await done };
+    } finally {
+      s.receives.delete(body.id as number);
+    }
   }
 
   private close(raw: unknown): unknown {
@@ -121,6 +145,7 @@ export class HcclResponder {
     const s = this.sessions.get(id);
     if (!s) return;
     this.sessions.delete(id);
+    for (const t of s.deadlines) clearTimeout(t);
     try {
       this.native.dropPeer(s.peerId, 'ERR_PEER_LOST', true);
     } catch {
@@ -163,9 +188,9 @@ export async function hcclConnect(
 
 /**
  * Asks the acceptor to post its half of a held batch (the mirror operation on the
- * same descriptors, as (region, offset, length) triples of its side). Resolves once
- * it has; the caller then releases the held batch. Rejects with the acceptor's
- * refusal, ERR_TIMEOUT or ERR_PEER_LOST.
+ * same descriptors, as (region, offset, length) triples of its side). Resolves with
+ * the id of the acceptor's half once it is posted; the caller then releases the held
+ * batch. Rejects with the acceptor's refusal, ERR_TIMEOUT or ERR_PEER_LOST.
  */
 export async function hcclAgree(
   request: (topic: string, body: unknown, timeoutMs: number) => Promise<unknown>,
@@ -174,9 +199,21 @@ export async function hcclAgree(
   data: Float64Array,
   count: number,
   timeoutMs: number,
-): Promise<void> {
+): Promise<number> {
   const items: number[] = [];
   for (let i = 0; i < count; i++) items.push(data[i * STRIDE + 2], data[i * STRIDE + 3], data[i * STRIDE + 4]);
   // Our write is its receive, our read its send.
-  await request(HCCL_POST, { session, op: op === 0 ? 'recv' : 'send', items, deadlineMs: timeoutMs }, timeoutMs);
+  const reply = (await request(HCCL_POST, { session, op: op === 0 ? 'recv' : 'send', items, deadlineMs: timeoutMs }, timeoutMs)) as { id?: unknown };
+  if (typeof reply?.id !== 'number') throw new TransferError('hccl post: malformed answer', 'ERR_PROTOCOL');
+  return reply.id;
+}
+
+/** A write's second half: resolves once the acceptor's receive of post `id` completed. */
+export async function hcclLanded(
+  request: (topic: string, body: unknown, timeoutMs: number) => Promise<unknown>,
+  session: string,
+  id: number,
+  timeoutMs: number,
+): Promise<void> {
+  await request(HCCL_WAIT, { session, id }, timeoutMs);
 }
