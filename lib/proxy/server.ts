@@ -277,7 +277,7 @@ export class EpdProxy {
     res.once('close', onClose);
     this.active.add(client);
     const trace: RequestTrace = { id: requestId, endpoint, stream: false, route: 'text', start: now(), end: 0, status: 0, retries: 0 };
-    const writer = new StreamWriter(res);
+    const writer = new StreamWriter(res, this.ctx.timeouts.idleMs);
     try {
       const body = parseJson(await readRequestBody(req, this.options.maxBodyBytes ?? 64 << 20, client.signal));
       const plan = planRequest(endpoint, body, {
