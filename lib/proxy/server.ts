@@ -66,6 +66,7 @@ export interface ProxyOptions {
   closeGraceMs?: number;
 }
 
+/** Deadlines used unless `ProxyOptions.timeouts` overrides them (docs/PROXY.md, "Deadlines"). */
 export const DEFAULT_TIMEOUTS: ProxyTimeouts = {
   connectMs: 5_000,
   encodeMs: 120_000,
@@ -76,6 +77,7 @@ export const DEFAULT_TIMEOUTS: ProxyTimeouts = {
   locateMs: 50,
 };
 
+/** Health-check settings used unless `ProxyOptions.health` overrides them. */
 export const DEFAULT_HEALTH: HealthOptions = {
   intervalMs: 2_000,
   timeoutMs: 1_000,
