@@ -22,6 +22,8 @@ export type ErrorCode =
   | 'ERR_CONNECT'
   | 'ERR_NO_HANDLER'
   | 'ERR_REMOTE'
+  | 'ERR_CAPACITY'
+  | 'ERR_NOT_FOUND'
   | 'ERR_SYSTEM';
 
 /** An error with a machine-readable {@link ErrorCode}. Also constructed by the native addon. */

@@ -9,3 +9,4 @@ export { probe } from './probe.js';
 export type { ProbeResult } from './probe.js';
 export { WIRE_VERSION } from './meta/wire.js';
 export { parseBytes, formatBytes } from './validate.js';
+export * from './ec/index.js';
