@@ -198,8 +198,8 @@ export class EncoderCacheWriter {
   /** Publishes the entry: from now on every process finds it. */
   commit(): void {
     this.assertOpen();
-    this.state = 'committed';
     this.store._commit(this.ticket, this.bytes);
+    this.state = 'committed';
   }
 
   /** Drops the reservation. Idempotent; a no-op after commit. */
