@@ -4,6 +4,7 @@
  *   epd-transfer probe [--json]
  *   epd-transfer bench transfer [--transport shm] [--op write|read] [--block 1MiB] [--batch 64]
  *                               [--threads n] [--inflight 2] [--region 512MiB] [--runs 5] [--json]
+ *   epd-transfer bench ec [--bytes 18MiB] [--processes 1] [--runs 5] [--json]
  *   epd-transfer shm-gc
  */
 import { parseArgs } from 'node:util';
@@ -26,8 +27,35 @@ Commands:
       --region <size>            working set per side (512MiB)
       --runs <n>                 measured runs, median reported (5)
       --json                     one JSON object instead of the table
-  shm-gc                         remove shared memory left by crashed engines
+  bench ec [options]             encoder cache: save in one process, load in others, next to memcpy
+      --bytes <size>             embedding size (18MiB)
+      --processes <n>            loader processes, measured one after another (1)
+      --runs <n>                 measured runs, median reported (5)
+      --json                     one JSON object instead of the table
+  shm-gc                         remove shared memory left by crashed engines and encoder caches
 `;
+
+async function benchEc(args: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args,
+    options: {
+      bytes: { type: 'string', default: '18MiB' },
+      processes: { type: 'string', default: '1' },
+      runs: { type: 'string', default: '5' },
+      'run-ms': { type: 'string', default: '500' },
+      json: { type: 'boolean', default: false },
+    },
+  });
+  const { runEcBench, printEcResult } = await import('../bench/ec.js');
+  const result = await runEcBench({
+    bytes: parseBytes(values.bytes, '--bytes'),
+    processes: expectInteger(Number(values.processes), '--processes', 1, 64),
+    runs: expectInteger(Number(values.runs), '--runs', 1),
+    runMillis: expectInteger(Number(values['run-ms']), '--run-ms', 10),
+  });
+  if (values.json) console.log(JSON.stringify(result));
+  else printEcResult(result);
+}
 
 async function benchTransfer(args: string[]): Promise<void> {
   const { values } = parseArgs({
@@ -93,11 +121,16 @@ export async function main(argv: string[]): Promise<number> {
           await benchTransfer(args);
           return 0;
         }
+        if (what === 'ec') {
+          await benchEc(args);
+          return 0;
+        }
         console.error(`unknown bench '${what ?? ''}'\n\n${USAGE}`);
         return 2;
       }
       case 'shm-gc':
         console.log(`removed ${native.reclaimStaleShm()} stale shared-memory object(s)`);
+        console.log(`removed ${native.reclaimStaleEcStores()} stale encoder-cache store(s)`);
         return 0;
       case undefined:
       case 'help':

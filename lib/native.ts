@@ -82,13 +82,15 @@ export interface NativeEcStoreOptions {
 
 /** One attached handle on a shared encoder-cache store (native/ec_binding.cc). */
 export interface NativeEcStore {
+  /** The entries' bytes: offsets returned by reserve/acquire index into it. */
+  arena(): ArrayBuffer;
   has(key: string): boolean;
   stat(key: string): { size: number; meta: string } | null;
-  reserve(key: string, size: number, meta: string): { ticket: number; view: Buffer } | 'exists' | 'busy';
+  reserve(key: string, size: number, meta: string): { ticket: number; offset: number } | 'exists' | 'busy';
   write(ticket: number, offset: number, source: ArrayBufferView | ArrayBuffer): Promise<void>;
   commit(ticket: number): void;
   abort(ticket: number): void;
-  acquire(key: string): { ticket: number; view: Buffer; meta: string } | null;
+  acquire(key: string): { ticket: number; offset: number; size: number; meta: string } | null;
   release(ticket: number): void;
   load(key: string, target: ArrayBufferView | ArrayBuffer, targetOffset: number): Promise<{ size: number; meta: string }> | null;
   delete(key: string): boolean;

@@ -65,11 +65,12 @@ void ReadKey(const Napi::CallbackInfo& info, size_t i, Key* key) {
 
 uint64_t Ticket(const Napi::CallbackInfo& info, size_t i) { return ArgIndex(info, i, "ticket"); }
 
-// A Buffer over `len` bytes of the store that keeps the mapping alive.
-Napi::Buffer<uint8_t> View(Napi::Env env, const std::shared_ptr<ec::Mapping>& mapping, uint8_t* data, size_t len) {
+// An ArrayBuffer over the whole arena that keeps the mapping alive. Views of entries
+// are made in JS on top of it: one external backing store per handle, not one per
+// view (V8 charges each external backing store to its GC heuristics).
+Napi::ArrayBuffer ArenaBuffer(Napi::Env env, const std::shared_ptr<ec::Mapping>& mapping, uint8_t* data, size_t len) {
   auto* keep = new std::shared_ptr<ec::Mapping>(mapping);
-  return Napi::Buffer<uint8_t>::New(env, data, len, [](Napi::Env, uint8_t*, std::shared_ptr<ec::Mapping>* k) { delete k; },
-                                    keep);
+  return Napi::ArrayBuffer::New(env, data, len, [](Napi::Env, void*, std::shared_ptr<ec::Mapping>* k) { delete k; }, keep);
 }
 
 // One asynchronous copy; `finish` runs on the JS thread afterwards and may fail the
@@ -140,6 +141,7 @@ class EcStoreWrap : public Napi::ObjectWrap<EcStoreWrap> {
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "NativeEcStore",
                        {
+                           InstanceMethod<&EcStoreWrap::Arena>("arena"),
                            InstanceMethod<&EcStoreWrap::Has>("has"),
                            InstanceMethod<&EcStoreWrap::Stat>("stat"),
                            InstanceMethod<&EcStoreWrap::Reserve>("reserve"),
@@ -200,6 +202,16 @@ class EcStoreWrap : public Napi::ObjectWrap<EcStoreWrap> {
     return store_.get();
   }
 
+  // arena() -> ArrayBuffer over the entries' bytes (entry offsets index into it).
+  Napi::Value Arena(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    ec::Store* s = store(env);
+    if (arena_.IsEmpty()) {
+      arena_ = Napi::Persistent(ArenaBuffer(env, s->mapping(), s->arena(), static_cast<size_t>(s->layout().capacity)));
+    }
+    return arena_.Value();
+  }
+
   Napi::Value Has(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     Key key;
@@ -223,7 +235,7 @@ class EcStoreWrap : public Napi::ObjectWrap<EcStoreWrap> {
     return out;
   }
 
-  // reserve(key, size, meta) -> { ticket, view } | "exists" | "busy"
+  // reserve(key, size, meta) -> { ticket, offset } | "exists" | "busy"
   Napi::Value Reserve(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     Key key;
@@ -239,7 +251,7 @@ class EcStoreWrap : public Napi::ObjectWrap<EcStoreWrap> {
     reservations_[ref.ticket] = ref;
     auto out = Napi::Object::New(env);
     out.Set("ticket", Napi::Number::New(env, static_cast<double>(ref.ticket)));
-    out.Set("view", View(env, s->mapping(), s->arena() + ref.offset, static_cast<size_t>(ref.size)));
+    out.Set("offset", Napi::Number::New(env, static_cast<double>(ref.offset)));
     return out;
   }
 
@@ -280,7 +292,7 @@ class EcStoreWrap : public Napi::ObjectWrap<EcStoreWrap> {
     return env.Undefined();
   }
 
-  // acquire(key) -> { ticket, view, meta } | null; the entry stays pinned until release(ticket).
+  // acquire(key) -> { ticket, offset, size, meta } | null; pinned until release(ticket).
   Napi::Value Acquire(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     Key key;
@@ -292,7 +304,8 @@ class EcStoreWrap : public Napi::ObjectWrap<EcStoreWrap> {
     if (!found) return env.Null();
     auto out = Napi::Object::New(env);
     out.Set("ticket", Napi::Number::New(env, static_cast<double>(ref.ticket)));
-    out.Set("view", View(env, s->mapping(), s->arena() + ref.offset, static_cast<size_t>(ref.size)));
+    out.Set("offset", Napi::Number::New(env, static_cast<double>(ref.offset)));
+    out.Set("size", Napi::Number::New(env, static_cast<double>(ref.size)));
     out.Set("meta", Napi::String::New(env, ref.meta));
     return out;
   }
@@ -429,6 +442,7 @@ class EcStoreWrap : public Napi::ObjectWrap<EcStoreWrap> {
   }
 
   std::unique_ptr<ec::Store> store_;
+  Napi::Reference<Napi::ArrayBuffer> arena_;
   std::unordered_map<uint64_t, ec::EntryRef> reservations_;
 };
 

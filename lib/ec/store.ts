@@ -217,6 +217,7 @@ export class EncoderCacheWriter {
 /** Embeddings by mmHash in host shared memory, shared by every process that opens the same name. */
 export class EncoderCacheStore {
   private readonly info: NativeEcInfo;
+  private readonly arena: ArrayBuffer;
   private readonly inflight = new Set<Promise<unknown>>();
   private closing: Promise<void> | null = null;
   // A view that is garbage collected without release()/commit() gives back its pin or reservation.
@@ -225,6 +226,7 @@ export class EncoderCacheStore {
 
   private constructor(private readonly native: NativeEcStore) {
     this.info = native.info();
+    this.arena = native.arena();
   }
 
   /** Opens (or creates, given a capacity) the store `options.name` and attaches this process to it. */
@@ -343,8 +345,9 @@ export class EncoderCacheStore {
   acquire(mmHash: string): EncoderCacheEntry | null {
     const r = this.native.acquire(expectKey(mmHash));
     if (r === null) return null;
-    this.pins.register(r.view, r.ticket, r.view);
-    return new EncoderCacheEntry(this, r.ticket, mmHash, r.view, decodeMeta(r.meta));
+    const view = Buffer.from(this.arena, r.offset, r.size);
+    this.pins.register(view, r.ticket, view);
+    return new EncoderCacheEntry(this, r.ticket, mmHash, view, decodeMeta(r.meta));
   }
 
   /** Removes the entry; readers holding it keep their view until they release it. False if absent. */
@@ -431,8 +434,9 @@ export class EncoderCacheStore {
       const r = this.native.reserve(key, size, o.meta);
       if (r === 'exists') return null;
       if (r !== 'busy') {
-        this.reservations.register(r.view, r.ticket, r.view);
-        return new EncoderCacheWriter(this, r.ticket, key, r.view);
+        const view = Buffer.from(this.arena, r.offset, size);
+        this.reservations.register(view, r.ticket, view);
+        return new EncoderCacheWriter(this, r.ticket, key, view);
       }
       const left = deadline - performance.now();
       if (left <= 0) {
