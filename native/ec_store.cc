@@ -464,6 +464,7 @@ Result Store::ReclaimStale(int* removed) {
       } else {
         std::unique_ptr<Store> s(new Store());
         s->closed_ = true;  // a probe, not an attachment
+        s->lock_timeout_ms_ = 0;  // busy means in use: skip it, never wait on another store
         s->name_ = n.substr(sizeof kObjectPrefix - 1);
         s->mapping_ = m;
         s->h_ = reinterpret_cast<Header*>(m->data);
@@ -493,6 +494,7 @@ Result Store::ReclaimStale(int* removed) {
 
 Result Store::Lock() {
   int rc = pthread_mutex_trylock(&h_->mutex);
+  if (rc == EBUSY && lock_timeout_ms_ == 0) rc = ETIMEDOUT;  // a probe never waits
   if (rc == EBUSY) {
     timespec deadline = DeadlineIn(lock_timeout_ms_);
     rc = pthread_mutex_clocklock(&h_->mutex, CLOCK_MONOTONIC, &deadline);
@@ -907,7 +909,7 @@ Result Store::Reserve(const char* key, size_t key_len, uint64_t size, const std:
       return Result::Ok();
     }
     // WRITING: wait for a live writer; take over from a dead one.
-    if (x.writer == self_ || (x.writer < h_->max_processes && attachments_[x.writer].state == 1 &&
+    if ((x.writer == self_ && x.writer_gen == self_gen_) || (x.writer < h_->max_processes && attachments_[x.writer].state == 1 &&
                               attachments_[x.writer].gen == x.writer_gen && AttachmentAlive(x.writer))) {
       *outcome = ReserveOutcome::kBusy;
       Unlock();

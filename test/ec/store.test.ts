@@ -1,5 +1,9 @@
 // EncoderCacheStore within one process: saving and loading, visibility, single
 // flight, LRU eviction, pins, capacity errors, misses, bad input, lifecycle.
+import { readdirSync } from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { Worker } from 'node:worker_threads';
 import { afterEach, describe, expect, it } from 'vitest';
 import { EncoderCacheStore, TransferEngine, type EncoderCacheStoreOptions } from '../../lib/index.js';
 import { ecPattern, expectCode, storeName, storeObjects } from './helpers.js';
@@ -427,5 +431,48 @@ describe('EncoderCacheStore: bad input', () => {
     const after = store.stats();
     expect({ ...after, misses: 0, hits: 0 }).toEqual({ ...before, misses: 0, hits: 0 });
     expect(store.keys()).toEqual(['k']);
+  });
+});
+
+describe('EncoderCacheStore: resources', () => {
+  it('opening, using and closing handles repeatedly leaves no descriptors or shared memory behind', async () => {
+    const name = storeName('leak');
+    const fds = () => readdirSync('/proc/self/fd').length;
+    const keeper = await EncoderCacheStore.open({ name, capacity: '1MiB' });
+    const before = fds();
+    for (let i = 0; i < 100; i++) {
+      const s = await EncoderCacheStore.open({ name, reclaimStale: false });
+      await s.save(`k${i % 5}`, ecPattern(i, 8 * KiB));
+      s.acquire(`k${i % 5}`)!.release();
+      await s.reserve(`open-${i}`, KiB); // left open: close drops it
+      await s.close();
+    }
+    expect(fds()).toBe(before);
+    expect(keeper.stats()).toMatchObject({ processes: 1, pinned: 0, writing: 0 });
+    await keeper.close();
+    expect(storeObjects(name)).toEqual([]);
+  });
+
+  it('a worker thread that ends without close() gives back its pins and reservations', async () => {
+    const store = await open();
+    await store.save('k', ecPattern(120, KiB));
+    const dist = pathToFileURL(path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../dist/lib/index.js')).href;
+    const worker = new Worker(
+      `import { parentPort, workerData } from 'node:worker_threads';
+       const { EncoderCacheStore } = await import(workerData.dist);
+       const s = await EncoderCacheStore.open({ name: workerData.name });
+       globalThis.held = [s.acquire('k'), await s.reserve('w', 1024)];
+       parentPort.postMessage('ready');
+       setInterval(() => {}, 1000);`,
+      { eval: true, workerData: { dist, name: store.name } },
+    );
+    await new Promise((resolve, reject) => {
+      worker.once('message', resolve);
+      worker.once('error', reject);
+    });
+    expect(store.stats()).toMatchObject({ processes: 2, pinned: 1, writing: 1 });
+    await worker.terminate();
+    expect(store.stats()).toMatchObject({ processes: 1, pinned: 0, writing: 0 });
+    expect(await store.save('w', ecPattern(121, KiB))).toMatchObject({ stored: true });
   });
 });
