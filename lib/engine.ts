@@ -16,6 +16,7 @@ import { Device } from './device.js';
 import { TransferError, isTransferError, withCallerStack } from './errors.js';
 import { ControlClient, ControlServer, type RequestHandler } from './meta/handshake.js';
 import { WIRE_VERSION, type SegmentDescriptor } from './meta/wire.js';
+import { resolveLink, type LinkOptions, type NativeLinkSpec } from './link.js';
 import { addonPath, COUNTER_NAMES, native, type NativeEngine } from './native.js';
 import { badArgument, expectInteger, expectOptionalObject, expectString, expectTimeout } from './validate.js';
 
@@ -41,6 +42,20 @@ export interface EngineOptions {
   connectTimeoutMs?: number;
   /** Remove shared-memory objects left by crashed engines on this host. Default true. */
   reclaimStale?: boolean;
+  /**
+   * Emulate a link to every peer of this engine (each peer gets its own link):
+   * real transfers are paced to `{ bandwidth, latency, jitter, seed }`, with optional
+   * fault injection. See {@link LinkOptions} and docs/TCP.md. Default: none.
+   */
+  link?: LinkOptions;
+}
+
+/** Options of {@link TransferEngine.connect}. */
+export interface ConnectOptions {
+  /** Deadline of the handshake. Default: the engine's `connectTimeoutMs`. */
+  timeoutMs?: number;
+  /** Emulated link to this peer; replaces the engine's `link` option. */
+  link?: LinkOptions;
 }
 
 /** Options of a single {@link TransferEngine.write} / {@link TransferEngine.read}. */
@@ -78,6 +93,25 @@ export type EngineCounters = Readonly<Record<(typeof COUNTER_NAMES)[number], num
 
 const STRIDE = 5;
 let engineSeq = 0;
+
+/**
+ * Engines not closed yet, closed on process exit: process.exit() skips the addon's
+ * environment cleanup, which would leave their shared-memory names in /dev/shm.
+ */
+const openOnExit = new Set<WeakRef<NativeEngine>>();
+let exitHook = false;
+
+function closeOnExit(engine: NativeEngine): WeakRef<NativeEngine> {
+  if (!exitHook) {
+    exitHook = true;
+    process.on('exit', () => {
+      for (const ref of openOnExit) ref.deref()?.close();
+    });
+  }
+  const ref = new WeakRef(engine);
+  openOnExit.add(ref);
+  return ref;
+}
 
 function readBootId(): string {
   try {
@@ -139,15 +173,19 @@ export class DescriptorBatch {
   }
 }
 
-function regionId(value: unknown, name: string): number {
-  if (value instanceof Region) return value.id;
+function regionId(value: unknown, name: string, owner?: TransferEngine): number {
+  if (value instanceof Region) {
+    // Region ids are per engine: another engine's Region would name one of ours.
+    if (owner !== undefined && value.engine !== owner) badArgument(name, 'a Region of this engine', value);
+    return value.id;
+  }
   if (typeof value === 'object' && value !== null && typeof (value as RemoteRegion).id === 'number') {
     return expectInteger((value as RemoteRegion).id, `${name}.id`);
   }
   return expectInteger(value, name);
 }
 
-function pack(batch: unknown): { data: Float64Array; count: number } {
+function pack(batch: unknown, engine: TransferEngine): { data: Float64Array; count: number } {
   if (batch instanceof DescriptorBatch) {
     if (batch.length === 0) badArgument('batch', 'a non-empty batch', batch);
     return { data: batch.data, count: batch.length };
@@ -158,7 +196,7 @@ function pack(batch: unknown): { data: Float64Array; count: number } {
     if (typeof d !== 'object' || d === null) badArgument(`batch[${i}]`, 'a descriptor object', d);
     const x = d as Record<string, unknown>;
     const o = i * STRIDE;
-    data[o] = regionId(x.localRegion, `batch[${i}].localRegion`);
+    data[o] = regionId(x.localRegion, `batch[${i}].localRegion`, engine);
     data[o + 1] = expectInteger(x.localOffset, `batch[${i}].localOffset`);
     data[o + 2] = regionId(x.remoteRegion, `batch[${i}].remoteRegion`);
     data[o + 3] = expectInteger(x.remoteOffset, `batch[${i}].remoteOffset`);
@@ -171,7 +209,7 @@ function pack(batch: unknown): { data: Float64Array; count: number } {
 export class Region {
   /** @internal */
   constructor(
-    private readonly engine: TransferEngine,
+    /** @internal */ readonly engine: TransferEngine,
     /** Id used in descriptors and advertised to peers. */
     readonly id: number,
     readonly length: number,
@@ -231,6 +269,7 @@ export class Peer {
 
   /** Fetches the peer's region list again (e.g. after it allocated more). */
   async refresh(timeoutMs = 5_000): Promise<void> {
+    this.engine.assertOpen();
     if (this.lostError) throw this.lostError;
     this.segment = await this.client.refresh(expectTimeout(timeoutMs, 'timeoutMs'));
     this.engine._updatePeer(this, this.segment);
@@ -243,6 +282,7 @@ export class Peer {
    * ERR_TIMEOUT (default 5 s) or ERR_PEER_LOST.
    */
   request(topic: string, body: unknown, options?: { timeoutMs?: number }): Promise<unknown> {
+    this.engine.assertOpen();
     expectString(topic, 'topic');
     const opts = expectOptionalObject(options, 'options');
     const timeoutMs = opts.timeoutMs === undefined ? 5_000 : expectTimeout(opts.timeoutMs, 'options.timeoutMs');
@@ -276,18 +316,23 @@ export class TransferEngine {
   private readonly handlers = new Map<string, RequestHandler>();
   private readonly bootId = readBootId();
   private readonly registry = new FinalizationRegistry<number>((id) => {
-    if (!this.closed) this.native.free(id, true).catch(() => {});
+    // Wait for batches in flight: a DescriptorBatch names the region by id only.
+    if (!this.closed) this.native.free(id, false).catch(() => {});
   });
+  private readonly exitRef: WeakRef<NativeEngine>;
   private closing: Promise<void> | null = null;
   private closed = false;
 
   private constructor(
-    private readonly options: Required<Pick<EngineOptions, 'threads' | 'chunkBytes' | 'timeoutMs' | 'connectTimeoutMs'>>,
+    private readonly options: Required<Pick<EngineOptions, 'threads' | 'chunkBytes' | 'timeoutMs' | 'connectTimeoutMs'>> & {
+      link?: NativeLinkSpec;
+    },
     name: string,
     private server: ControlServer | null,
   ) {
     this.name = name;
     this.native = new native.NativeEngine({ threads: options.threads, chunkBytes: options.chunkBytes });
+    this.exitRef = closeOnExit(this.native);
     this.device = new Device(this.native, 'host');
     const view = this.native.counters();
     const counters = {} as Record<string, number>;
@@ -311,6 +356,7 @@ export class TransferEngine {
       chunkBytes: o.chunkBytes === undefined ? 1 << 20 : expectInteger(o.chunkBytes, 'options.chunkBytes', 4096),
       timeoutMs: o.timeoutMs === undefined ? 30_000 : expectTimeout(o.timeoutMs, 'options.timeoutMs'),
       connectTimeoutMs: o.connectTimeoutMs === undefined ? 5_000 : expectTimeout(o.connectTimeoutMs, 'options.connectTimeoutMs'),
+      link: resolveLink(o.link, 'options.link'),
     };
     const name = o.name === undefined ? `${os.hostname()}-${process.pid}-${engineSeq++}` : expectString(o.name, 'options.name');
     const host = o.host === undefined ? '127.0.0.1' : expectString(o.host, 'options.host');
@@ -322,6 +368,7 @@ export class TransferEngine {
         engine.server = await ControlServer.listen({ host, port, describe: () => engine.describe(), handlers: engine.handlers });
       } catch (err) {
         engine.native.close();
+        openOnExit.delete(engine.exitRef);
         throw err;
       }
     }
@@ -389,15 +436,23 @@ export class TransferEngine {
 
   /**
    * Connects to the engine listening at `address` ("host:port") and fetches its
-   * segment descriptor. A live connection to the same address is reused.
+   * segment descriptor. A live connection to the same address with the same
+   * options is reused; a lost one is replaced.
    */
-  async connect(address: string, options?: { timeoutMs?: number }): Promise<Peer> {
+  async connect(address: string, options?: ConnectOptions): Promise<Peer> {
     this.assertOpen();
     expectString(address, 'address');
-    const opts = expectOptionalObject(options, 'options');
+    const opts = expectOptionalObject(options, 'options') as ConnectOptions;
     const timeoutMs = opts.timeoutMs === undefined ? this.options.connectTimeoutMs : expectTimeout(opts.timeoutMs, 'options.timeoutMs');
-    const existing = this.peers.get(address);
+    const link = opts.link === undefined ? this.options.link : resolveLink(opts.link, 'options.link');
+    const key = `${address}|${JSON.stringify(link ?? null)}`;
+    const existing = this.peers.get(key);
     if (existing && !existing.lost) return existing;
+    if (existing) {
+      // Its native state (connections, link) goes now, not with the engine.
+      this.peers.delete(key);
+      this.native.dropPeer(existing.nativeId, 'ERR_PEER_LOST', true);
+    }
     const { client, segment } = await ControlClient.connect(address, timeoutMs, { name: this.name });
     if (this.closed || this.closing) {
       client.close();
@@ -412,13 +467,13 @@ export class TransferEngine {
     }
     let id: number;
     try {
-      id = this.native.addPeer(segment.name, segment.pid, segment.regions);
+      id = this.native.addPeer(segment.name, segment.pid, segment.regions, { transport: 'shm', link });
     } catch (err) {
       client.close();
       throw err;
     }
     const peer = new Peer(this, id, address, segment, client);
-    this.peers.set(address, peer);
+    this.peers.set(key, peer);
     client.onClose((err) => {
       peer._markLost(err);
       if (!this.closed) this.native.dropPeer(id, 'ERR_PEER_LOST', false);
@@ -474,6 +529,7 @@ export class TransferEngine {
       }
       this.closed = true;
       this.native.close();
+      openOnExit.delete(this.exitRef);
       for (const peer of this.peers.values()) peer.disconnect();
       this.peers.clear();
       await this.server?.close();
@@ -510,14 +566,22 @@ export class TransferEngine {
     };
   }
 
-  private assertOpen(): void {
+  /** A batch found the peer gone (data connection lost, injected drop): the whole peer goes, so connect() replaces it. */
+  private noteLoss(peer: Peer, err: unknown): void {
+    if (!isTransferError(err, 'ERR_PEER_LOST') || peer.lost) return;
+    peer._markLost(err);
+    peer.disconnect();
+  }
+
+  /** @internal Throws ERR_CLOSED once close() has begun. */
+  assertOpen(): void {
     if (this.closed || this.closing) throw new TransferError('engine is closed', 'ERR_CLOSED');
   }
 
   private async transfer(op: 0 | 1, peer: Peer, batch: unknown, options: TransferOptions | undefined, caller: Error): Promise<TransferResult> {
     this.assertOpen();
     if (!(peer instanceof Peer) || peer.engine !== this) badArgument('peer', "a Peer returned by this engine's connect()", peer);
-    const { data, count } = pack(batch);
+    const { data, count } = pack(batch, this);
     const opts = expectOptionalObject(options, 'options');
     const timeoutMs = opts.timeoutMs === undefined ? this.options.timeoutMs : expectTimeout(opts.timeoutMs, 'options.timeoutMs');
     const signal = opts.signal;
@@ -526,13 +590,18 @@ export class TransferEngine {
 
     let submitted: [number, Promise<number>];
     try {
-      submitted = this.native.submit(op, peer.nativeId, data, count);
+      try {
+        submitted = this.native.submit(op, peer.nativeId, data, count);
+      } catch (err) {
+        // The peer may have registered the region after we connected: refresh once.
+        if (!isTransferError(err, 'ERR_UNKNOWN_REGION') || !/remoteRegion/.test(err.message) || peer.lost) throw err;
+        await peer.refresh();
+        this.assertOpen();
+        submitted = this.native.submit(op, peer.nativeId, data, count);
+      }
     } catch (err) {
-      // The peer may have registered the region after we connected: refresh once.
-      if (!isTransferError(err, 'ERR_UNKNOWN_REGION') || !/remoteRegion/.test(err.message) || peer.lost) throw err;
-      await peer.refresh();
-      this.assertOpen();
-      submitted = this.native.submit(op, peer.nativeId, data, count);
+      this.noteLoss(peer, err);
+      throw err;
     }
     const [batchId, done] = submitted;
     const timer = setTimeout(() => this.native.abort(batchId, 'ERR_TIMEOUT'), timeoutMs);
@@ -543,6 +612,7 @@ export class TransferEngine {
       const bytes = await done;
       return { bytes, descriptors: count };
     } catch (err) {
+      this.noteLoss(peer, err);
       throw withCallerStack(err, caller);
     } finally {
       clearTimeout(timer);

@@ -22,7 +22,13 @@ export type ErrorCode =
   | 'ERR_CONNECT'
   | 'ERR_NO_HANDLER'
   | 'ERR_REMOTE'
+  /** A peer failed (or could not attempt) the shared-secret proof. */
+  | 'ERR_AUTH'
+  /** A checksum did not match: the bytes that landed are not the bytes that were sent. */
+  | 'ERR_INTEGRITY'
+  /** A store is full of entries it may not evict (pinned, being written), or an item exceeds its capacity. */
   | 'ERR_CAPACITY'
+  /** A named resource (e.g. an encoder-cache store opened without a capacity) does not exist. */
   | 'ERR_NOT_FOUND'
   | 'ERR_SYSTEM';
 

@@ -1,6 +1,6 @@
 /** epd-transfer: move KV-cache layers and encoder embeddings between E/P/D processes. */
 export { TransferEngine, Region, Peer, DescriptorBatch } from './engine.js';
-export type { EngineOptions, TransferOptions, TransferResult, RemoteRegion, Descriptor, EngineCounters } from './engine.js';
+export type { EngineOptions, ConnectOptions, TransferOptions, TransferResult, RemoteRegion, Descriptor, EngineCounters } from './engine.js';
 export { Device, DeviceStream, DeviceEvent } from './device.js';
 export type { DeviceAllocation } from './device.js';
 export { TransferError, isTransferError } from './errors.js';
@@ -9,4 +9,57 @@ export { probe } from './probe.js';
 export type { ProbeResult } from './probe.js';
 export { WIRE_VERSION } from './meta/wire.js';
 export { parseBytes, formatBytes } from './validate.js';
+export { linkSchedule, parseBandwidth, parseMicros } from './link.js';
+export type { LinkOptions, LinkFaults } from './link.js';
+export {
+  KvLayout,
+  gqaTensors,
+  mlaTensors,
+  checkRemoteLayout,
+  chunkBlockRange,
+  expandBlockIds,
+  blockRuns,
+  appendRunDescriptors,
+  planLayer,
+  splitPlan,
+  DESCRIPTOR_STRIDE,
+  LayerwiseSender,
+  LayerwiseReceiver,
+  KvRequestError,
+  KvTracer,
+  mergeChromeTraces,
+  CHECKSUM_ALGORITHM,
+} from './kv/index.js';
+export type {
+  KvTensor,
+  KvTensorShape,
+  KvLayoutSpec,
+  PackedLayoutOptions,
+  KvLayoutDescription,
+  RemoteKvLayout,
+  TensorPlacement,
+  BlockRun,
+  ChunkState,
+  ChunkRange,
+  LayerPlanInput,
+  PeerLayerPlan,
+  PlanSlice,
+  KvSendRequest,
+  KvChunkProgress,
+  KvSendResult,
+  KvSendHandle,
+  LayerwiseSenderOptions,
+  LayerwiseSenderStats,
+  LayerwiseReceiverOptions,
+  KvExpectOptions,
+  KvReceiveResult,
+  KvLayerEvent,
+  LayerwiseReceiverStats,
+  KvTraceEvent,
+  KvTracePhase,
+  ChromeTraceEvent,
+  KvLayerSummary,
+} from './kv/index.js';
+export { PROFILES, REFERENCE_ACCELERATOR, getProfile, kvTensors, kvBytesPerToken, layerPrefillUs } from './sim/profiles.js';
+export type { ModelProfile, GqaAttention, MlaAttention, FeedForward, VisionEncoder } from './sim/profiles.js';
 export * from './ec/index.js';

@@ -14,6 +14,7 @@ import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { TransferError } from './errors.js';
+import type { NativeLinkSpec } from './link.js';
 
 /** A region of a peer as its segment descriptor lists it. */
 export interface NativeRegionSpec {
@@ -26,6 +27,13 @@ export interface NativeRegionSpec {
   offset?: number;
   /** Device IPC key (device regions). */
   ipcKey?: string;
+}
+
+/** How the engine reaches one peer (lib/engine.ts builds it). */
+export interface NativePeerOptions {
+  transport: 'shm' | 'tcp';
+  link?: NativeLinkSpec;
+  tcp?: { addresses: string[]; grant: Buffer; key: Buffer; connections: number; connectTimeoutMs: number };
 }
 
 export interface NativeStream {
@@ -49,7 +57,7 @@ export interface NativeEngine {
   registerDevice(ptr: bigint, length: number): number;
   free(id: number, failInFlight: boolean): Promise<void>;
   segment(): NativeRegionSpec[];
-  addPeer(name: string, pid: number, regions: NativeRegionSpec[]): number;
+  addPeer(name: string, pid: number, regions: NativeRegionSpec[], options?: NativePeerOptions): number;
   updatePeer(id: number, regions: NativeRegionSpec[]): void;
   dropPeer(id: number, code: string, remove: boolean): void;
   /** op 0 = write, 1 = read. Returns [batchId, promise of bytes moved]. */
@@ -139,6 +147,8 @@ export interface NativeBinding {
   setErrorClass(ctor: typeof TransferError): void;
   reclaimStaleShm(): number;
   memcpyBandwidth(dst: ArrayBufferView, src: ArrayBufferView, blockBytes: number, minMillis: number): number;
+  /** Arrival (µs) of each message of `sizes` bytes offered at once to an emulated link. */
+  linkSchedule(spec: NativeLinkSpec, sizes: number[]): Float64Array;
   wireVersion: number;
   napiVersion: number;
 }

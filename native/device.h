@@ -75,6 +75,10 @@ class Device {
   virtual Status IpcExport(DevicePtr ptr, size_t bytes, std::string* key) = 0;
   virtual Status IpcImport(const std::string& key, DevicePtr* ptr, size_t* bytes) = 0;
   virtual Status IpcClose(DevicePtr imported) = 0;
+
+  // Engine close: forgets every allocation and import. Work still queued keeps the
+  // memory it touches; names other processes import by are removed at once.
+  virtual void ReleaseAll() = 0;
 };
 
 // The CPU implementation. Never fails to load.

@@ -233,6 +233,14 @@ class HostDevice final : public Device {
     return Status::Ok();
   }
 
+  void ReleaseAll() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [ptr, a] : allocations_) {
+      if (!a.imported) a.mapping->Unlink();
+    }
+    allocations_.clear();
+  }
+
  private:
   static DevicePtr Key(const uint8_t* p) { return reinterpret_cast<uintptr_t>(p); }
   static uint8_t* Ptr(DevicePtr p) { return reinterpret_cast<uint8_t*>(static_cast<uintptr_t>(p)); }

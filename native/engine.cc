@@ -36,13 +36,19 @@ Engine::Engine(const EngineOptions& options, std::function<void()> notify)
       regions_(device_.get()),
       pool_(std::make_unique<WorkQueue>(options.threads)),
       shm_(CreateShmTransport(pool_.get(), device_.get(), options.chunk_bytes,
-                              [this](std::shared_ptr<Batch> b) { OnBatchDone(std::move(b)); })) {}
+                              [this](std::shared_ptr<Batch> b) { OnTransportDone(std::move(b)); })) {}
 
 Engine::~Engine() { Shutdown(); }
 
 Status Engine::AddPeer(const std::string& name, int pid, const std::vector<RemoteRegionSpec>& specs,
-                       uint32_t* id) {
+                       const PeerConfig& config, uint32_t* id) {
   if (shut_down_) return Status(Code::kClosed, "engine is closed");
+  Transport* base = nullptr;
+  if (config.transport == "shm") {
+    base = shm_.get();
+  } else {
+    return Status(Code::kBackendUnavailable, "transport '" + config.transport + "' is not built into this engine");
+  }
   auto peer = std::make_shared<Peer>();
   peer->id = next_peer_id_++;
   peer->name = name;
@@ -51,14 +57,29 @@ Status Engine::AddPeer(const std::string& name, int pid, const std::vector<Remot
   if (pid > 0 && peer->pidfd < 0 && errno == ESRCH) {
     return Status(Code::kPeerLost, "peer process " + std::to_string(pid) + " is not running");
   }
+  peer->tcp = config.tcp;
+  peer->transport = base;
+  if (config.link.enabled()) {
+    if (!link_timer_) link_timer_ = std::make_unique<LinkTimer>();
+    peer->link = CreateLinkTransport(base, config.link, link_timer_.get(),
+                                     [this](std::shared_ptr<Batch> b) { OnTransportDone(std::move(b)); });
+    peer->transport = peer->link.get();
+  }
+  EPD_RETURN_IF_ERROR(peer->transport->AddPeer(peer));
   peers_[peer->id] = peer;
   Status st = UpdatePeer(peer->id, specs);
   if (!st.ok()) {
+    peer->transport->RemovePeer(peer.get());
     peers_.erase(peer->id);
     return st;
   }
   *id = peer->id;
   return Status::Ok();
+}
+
+std::shared_ptr<Peer> Engine::FindPeer(uint32_t id) const {
+  auto it = peers_.find(id);
+  return it == peers_.end() ? nullptr : it->second;
 }
 
 Status Engine::UpdatePeer(uint32_t id, const std::vector<RemoteRegionSpec>& specs) {
@@ -73,10 +94,10 @@ Status Engine::UpdatePeer(uint32_t id, const std::vector<RemoteRegionSpec>& spec
       continue;
     }
     RemoteRegion rr;
-    Status st = shm_->Attach(spec, &rr);
+    Status st = peer.transport->Attach(spec, &rr);
     if (!st.ok()) {
       for (auto& [rid, r] : next) {
-        if (peer.regions.count(rid) == 0) shm_->Detach(&r);
+        if (peer.regions.count(rid) == 0) peer.transport->Detach(&r);
       }
       return st;
     }
@@ -94,12 +115,19 @@ Status Engine::UpdatePeer(uint32_t id, const std::vector<RemoteRegionSpec>& spec
 void Engine::DropPeer(uint32_t id, Code code, bool remove) {
   auto it = peers_.find(id);
   if (it == peers_.end()) return;
+  std::shared_ptr<Peer> peer = it->second;
   int expected = 0;
-  it->second->lost.compare_exchange_strong(expected, static_cast<int>(code));
+  peer->lost.compare_exchange_strong(expected, static_cast<int>(code));
   for (auto& [bid, b] : in_flight_) {
-    if (b->peer.get() == it->second.get()) b->RequestStop(code);
+    if (b->peer == peer) StopBatch(b, code);
   }
+  peer->transport->RemovePeer(peer.get());
   if (remove) peers_.erase(it);
+}
+
+void Engine::StopBatch(const std::shared_ptr<Batch>& batch, Code code) {
+  batch->RequestStop(code);
+  batch->peer->transport->Stop(batch, code);
 }
 
 Status Engine::Resolve(Op op, Peer* peer, const double* desc, size_t count, Batch* batch) {
@@ -152,7 +180,8 @@ Status Engine::Resolve(Op op, Peer* peer, const double* desc, size_t count, Batc
                                     remote.mapping) == batch->remote_mappings.end()) {
       batch->remote_mappings.push_back(remote.mapping);
     }
-    batch->pieces.push_back(Piece{local->ptr + local_off, remote.ptr + remote_off, static_cast<size_t>(length)});
+    batch->pieces.push_back(Piece{local->ptr + local_off, remote.ptr ? remote.ptr + remote_off : nullptr,
+                                  static_cast<size_t>(length), remote_id, remote_off});
     batch->bytes += length;
     if (std::find(batch->local_regions.begin(), batch->local_regions.end(), local_id) ==
         batch->local_regions.end()) {
@@ -187,24 +216,33 @@ Status Engine::Submit(Op op, uint32_t peer_id, const double* desc, size_t count,
   c[kBytesInFlight].fetch_add(batch->bytes, std::memory_order_relaxed);
   c[kDescriptors].fetch_add(count, std::memory_order_relaxed);
   *batch_id = batch->id;
-  shm_->Run(batch);
+  peer->transport->Run(batch);
   return Status::Ok();
 }
 
 void Engine::Abort(uint64_t batch_id, Code code) {
   auto it = in_flight_.find(batch_id);
-  if (it != in_flight_.end()) it->second->RequestStop(code);
+  if (it != in_flight_.end()) StopBatch(it->second, code);
 }
 
 void Engine::AbortAll(Code code) {
-  for (auto& [id, b] : in_flight_) b->RequestStop(code);
+  for (auto& [id, b] : in_flight_) StopBatch(b, code);
 }
 
 void Engine::AbortTouching(uint32_t id, Code code) {
   for (auto& [bid, b] : in_flight_) {
     if (std::find(b->local_regions.begin(), b->local_regions.end(), id) != b->local_regions.end()) {
-      b->RequestStop(code);
+      StopBatch(b, code);
     }
+  }
+}
+
+void Engine::OnTransportDone(std::shared_ptr<Batch> batch) {
+  if (batch->on_done) {
+    BatchDone to = batch->on_done;  // keep it alive while it runs
+    to(std::move(batch));
+  } else {
+    OnBatchDone(std::move(batch));
   }
 }
 
@@ -257,12 +295,17 @@ void Engine::Shutdown() {
   if (shut_down_) return;
   shut_down_ = true;
   AbortAll(Code::kClosed);
+  // Emulated links first: they stop handing messages on; then the transports fail
+  // and join whatever is still moving.
+  if (link_timer_) link_timer_->Shutdown();
+  for (auto& [id, peer] : peers_) peer->transport->RemovePeer(peer.get());
   pool_->Shutdown();  // runs what is queued; stopped tasks return at once
   for (auto& [id, peer] : peers_) {
-    for (auto& [rid, r] : peer->regions) shm_->Detach(&r);
+    for (auto& [rid, r] : peer->regions) peer->transport->Detach(&r);
   }
   peers_.clear();
   regions_.ReleaseAll();
+  device_->ReleaseAll();
 }
 
 }  // namespace epd

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "device.h"
+#include "link.h"
 #include "region.h"
 #include "transport.h"
 #include "util/status.h"
@@ -48,6 +49,13 @@ struct EngineOptions {
 // Descriptor layout in the Float64Array a batch arrives as.
 constexpr size_t kDescriptorStride = 5;  // localRegion, localOffset, remoteRegion, remoteOffset, length
 
+// How to reach one peer: which transport, and the link emulated on top of it.
+struct PeerConfig {
+  std::string transport = "shm";  // "shm" | "tcp"
+  TcpPeerSpec tcp;
+  LinkSpec link;
+};
+
 struct Completion {
   std::shared_ptr<Batch> batch;
   Status status;
@@ -65,10 +73,13 @@ class Engine {
   std::shared_ptr<Counters> counters() { return counters_; }
   const EngineOptions& options() const { return options_; }
 
-  Status AddPeer(const std::string& name, int pid, const std::vector<RemoteRegionSpec>& specs, uint32_t* id);
+  Status AddPeer(const std::string& name, int pid, const std::vector<RemoteRegionSpec>& specs,
+                 const PeerConfig& config, uint32_t* id);
+  std::shared_ptr<Peer> FindPeer(uint32_t id) const;
   // Replaces a peer's region list (after a refresh of its segment descriptor).
   Status UpdatePeer(uint32_t id, const std::vector<RemoteRegionSpec>& specs);
-  // Marks the peer lost and stops its in-flight batches with `code`; removes it when `remove`.
+  // Marks the peer lost, stops its in-flight batches with `code` and releases its
+  // transport state (connections); removes it from the table when `remove`.
   void DropPeer(uint32_t id, Code code, bool remove);
   bool HasPeer(uint32_t id) const { return peers_.count(id) != 0; }
 
@@ -91,6 +102,10 @@ class Engine {
 
  private:
   void OnBatchDone(std::shared_ptr<Batch> batch);
+  // Completion of any batch a transport ran: a child cut by a wrapper goes to its
+  // wrapper, a caller's batch to the completion queue.
+  void OnTransportDone(std::shared_ptr<Batch> batch);
+  void StopBatch(const std::shared_ptr<Batch>& batch, Code code);
   Status Resolve(Op op, Peer* peer, const double* desc, size_t count, Batch* batch);
 
   EngineOptions options_;
@@ -99,6 +114,7 @@ class Engine {
   RegionTable regions_;
   std::unique_ptr<WorkQueue> pool_;
   std::unique_ptr<Transport> shm_;
+  std::unique_ptr<LinkTimer> link_timer_;  // started with the first emulated link
   std::shared_ptr<Counters> counters_ = std::make_shared<Counters>();
 
   uint32_t next_peer_id_ = 1;

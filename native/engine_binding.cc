@@ -1,12 +1,13 @@
 #include "engine_binding.h"
 
+#include "link_binding.h"
 #include "util/napi_util.h"
 
 namespace epd {
 namespace {
 
 Code CodeFromName(const std::string& name) {
-  for (int c = static_cast<int>(Code::kBadArgument); c <= static_cast<int>(Code::kSystem); ++c) {
+  for (int c = static_cast<int>(Code::kBadArgument); c <= static_cast<int>(Code::kLastCode); ++c) {
     if (name == CodeName(static_cast<Code>(c))) return static_cast<Code>(c);
   }
   return Code::kAborted;
@@ -42,6 +43,41 @@ std::vector<RemoteRegionSpec> ParseSpecs(Napi::Env env, Napi::Value v) {
     specs.push_back(std::move(s));
   }
   return specs;
+}
+
+// addPeer's options: { transport, link, tcp } (lib/engine.ts builds them).
+PeerConfig ParsePeerConfig(Napi::Env env, Napi::Value v) {
+  PeerConfig config;
+  if (v.IsUndefined()) return config;
+  if (!v.IsObject()) Throw(env, Code::kBadArgument, "Expected an object for peer options");
+  auto o = v.As<Napi::Object>();
+  Napi::Value t = o.Get("transport");
+  if (t.IsString()) config.transport = t.As<Napi::String>().Utf8Value();
+  config.link = ParseLinkSpec(env, o.Get("link"));
+  Napi::Value tcp = o.Get("tcp");
+  if (tcp.IsObject()) {
+    auto to = tcp.As<Napi::Object>();
+    Napi::Value addrs = to.Get("addresses");
+    if (addrs.IsArray()) {
+      auto a = addrs.As<Napi::Array>();
+      for (uint32_t i = 0; i < a.Length(); ++i) {
+        Napi::Value e = a.Get(i);
+        if (e.IsString()) config.tcp.addresses.push_back(e.As<Napi::String>().Utf8Value());
+      }
+    }
+    uint8_t* data = nullptr;
+    size_t length = 0;
+    if (BytesOf(to.Get("grant"), &data, &length)) config.tcp.grant.assign(reinterpret_cast<char*>(data), length);
+    if (BytesOf(to.Get("key"), &data, &length)) config.tcp.key.assign(reinterpret_cast<char*>(data), length);
+    Napi::Value n = to.Get("connections");
+    if (n.IsNumber()) config.tcp.connections = n.As<Napi::Number>().Int32Value();
+    Napi::Value ct = to.Get("connectTimeoutMs");
+    if (ct.IsNumber()) config.tcp.connect_timeout = ct.As<Napi::Number>().DoubleValue() / 1e3;
+    if (config.tcp.connections < 1 || config.tcp.connections > 16) {
+      Throw(env, Code::kBadArgument, "tcp connections must be in 1..16");
+    }
+  }
+  return config;
 }
 
 void CleanupHook(void* arg) {
@@ -255,8 +291,9 @@ Napi::Value EngineWrap::AddPeer(const Napi::CallbackInfo& info) {
     Throw(env, Code::kBadArgument, "addPeer(name, pid, regions)");
   }
   uint32_t id = 0;
+  PeerConfig config = ParsePeerConfig(env, info.Length() > 3 ? info[3] : env.Undefined());
   Check(env, e->AddPeer(info[0].As<Napi::String>().Utf8Value(), info[1].As<Napi::Number>().Int32Value(),
-                        ParseSpecs(env, info[2]), &id));
+                        ParseSpecs(env, info[2]), config, &id));
   return Napi::Number::New(env, id);
 }
 

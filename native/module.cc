@@ -3,6 +3,7 @@
 
 #include "ec_binding.h"
 #include "engine_binding.h"
+#include "link_binding.h"
 #include "shm.h"
 #include "util/napi_util.h"
 
@@ -44,6 +45,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeEcStore", DefineEcStore(env));
   exports.Set("reclaimStaleEcStores", Napi::Function::New<ReclaimStaleEcStores>(env, "reclaimStaleEcStores"));
   exports.Set("memcpyBandwidth", Napi::Function::New<MemcpyBandwidth>(env, "memcpyBandwidth"));
+  exports.Set("linkSchedule", Napi::Function::New<LinkSchedule>(env, "linkSchedule"));
   exports.Set("wireVersion", Napi::Number::New(env, EPD_TRANSFER_WIRE_VERSION));
   exports.Set("napiVersion", Napi::Number::New(env, NAPI_VERSION));
   return exports;

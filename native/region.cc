@@ -80,6 +80,8 @@ bool RegionTable::ReleaseIfIdle(uint32_t id) {
 
 void RegionTable::ReleaseAll() {
   for (auto& [id, r] : regions_) {
+    // JS views may keep the memory mapped past close; the name must go now.
+    if (r->mapping) r->mapping->Unlink();
     if (r->release) r->release();
   }
   regions_.clear();

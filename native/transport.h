@@ -1,6 +1,10 @@
 // Transport: moves the pieces of a batch between local memory and a peer's regions.
 // The engine validates and resolves a batch (every piece is in bounds) before a
 // transport sees it; a transport only moves bytes and reports the outcome.
+//
+// Each peer is served by one transport chosen at connect time (shm, tcp, ...),
+// possibly wrapped by the link emulator (link.h). A transport may keep per-peer
+// state (connections): AddPeer/RemovePeer bracket it.
 #pragma once
 
 #include <atomic>
@@ -28,6 +32,31 @@ struct RemoteRegion {
   DevicePtr imported = 0;  // device IPC import to close on detach
 };
 
+class Transport;
+
+// Link emulation and fault injection for one peer (see link.h, docs/TCP.md).
+struct LinkSpec {
+  double bandwidth = 0;        // bytes per second; 0 = unpaced
+  double latency = 0;          // seconds, one way
+  double jitter = 0;           // seconds; each message's delay is latency ± U(jitter)
+  uint64_t seed = 1;
+  uint64_t drop_after = UINT64_MAX;  // bytes after which the connection drops
+  uint64_t delay_index = UINT64_MAX;  // descriptor (counted over the link's life) to delay
+  double delay = 0;            // seconds that descriptor is held back
+  bool enabled() const {
+    return bandwidth > 0 || latency > 0 || jitter > 0 || drop_after != UINT64_MAX || delay_index != UINT64_MAX;
+  }
+};
+
+// How to reach a peer over tcp, from its segment descriptor and our handshake.
+struct TcpPeerSpec {
+  std::vector<std::string> addresses;  // "host:port" data listeners
+  std::string grant;                   // 16 bytes: our grant on the peer
+  std::string key;                     // 32 bytes: HMAC key proving the grant
+  int connections = 2;
+  double connect_timeout = 5;          // seconds
+};
+
 struct Peer {
   uint32_t id = 0;
   std::string name;
@@ -35,6 +64,9 @@ struct Peer {
   int pidfd = -1;  // same-host liveness: readable once the peer process exited
   std::atomic<int> lost{0};  // a Code once the peer is lost
   std::unordered_map<uint32_t, RemoteRegion> regions;
+  Transport* transport = nullptr;        // moves this peer's batches (maybe a link wrapper)
+  std::shared_ptr<Transport> link;       // the link wrapper, when emulated
+  TcpPeerSpec tcp;                       // set when the peer is reached over tcp
 
   ~Peer();
   // False once the peer process is known to be gone (cheap: one poll()).
@@ -43,9 +75,14 @@ struct Peer {
 
 struct Piece {
   uint8_t* local;
-  uint8_t* remote;
+  uint8_t* remote;          // null when the transport addresses the peer by id (tcp)
   size_t length;
+  uint32_t remote_region;
+  uint64_t remote_offset;
 };
+
+struct Batch;
+using BatchDone = std::function<void(std::shared_ptr<Batch>)>;
 
 struct Batch {
   uint64_t id = 0;
@@ -61,6 +98,11 @@ struct Batch {
   std::atomic<int> abort_code{0};
   std::atomic<int> tasks_left{0};
   std::atomic<uint64_t> bytes_done{0};
+  // Set on batches a wrapper (the link emulator) cuts from a caller's batch: the
+  // parent's stop request reaches the child, and the child's completion goes to
+  // `on_done` instead of the engine.
+  std::shared_ptr<Batch> parent;
+  BatchDone on_done;
 
   void Fail(const Status& s) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -71,7 +113,11 @@ struct Batch {
     return status_;
   }
   // The reason to stop early, or kOk.
-  Code StopCode() const { return static_cast<Code>(abort_code.load(std::memory_order_relaxed)); }
+  Code StopCode() const {
+    int c = abort_code.load(std::memory_order_relaxed);
+    if (c == 0 && parent) return parent->StopCode();
+    return static_cast<Code>(c);
+  }
   void RequestStop(Code c) {
     int expected = 0;
     abort_code.compare_exchange_strong(expected, static_cast<int>(c));
@@ -82,8 +128,6 @@ struct Batch {
   Status status_;
 };
 
-using BatchDone = std::function<void(std::shared_ptr<Batch>)>;
-
 class Transport {
  public:
   virtual ~Transport() = default;
@@ -92,8 +136,22 @@ class Transport {
   virtual Status Attach(const RemoteRegionSpec& spec, RemoteRegion* out) = 0;
   virtual void Detach(RemoteRegion* region) = 0;
   // Moves the batch. Calls the engine's completion exactly once, after the last
-  // byte of the batch was touched.
+  // byte of the batch was touched. May be called from any thread.
   virtual void Run(std::shared_ptr<Batch> batch) = 0;
+
+  // Optional per-peer state. AddPeer/RemovePeer run on the JS thread; RemovePeer
+  // releases everything (joins threads) and fails what is still in flight.
+  virtual Status AddPeer(const std::shared_ptr<Peer>& peer) { return Status::Ok(); }
+  virtual void RemovePeer(Peer* peer) {}
+  // Any thread: cut the peer off now (its connections close, its batches fail with
+  // ERR_PEER_LOST) without waiting for anything. Fault injection and loss use it.
+  virtual void Sever(Peer* peer) {}
+  // Called after batch->RequestStop(): a transport whose workers block (sockets)
+  // uses it to unblock them; `code` is the reason of this request, which may be a
+  // deadline arriving after an abort.
+  virtual void Stop(const std::shared_ptr<Batch>& batch, Code code) {}
+  // Engine shutdown: fail what is in flight, join threads.
+  virtual void Shutdown() {}
 };
 
 class WorkQueue;

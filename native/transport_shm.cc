@@ -87,7 +87,7 @@ class ShmTransport final : public Transport {
       size_t off = 0;
       while (off < p.length) {
         size_t n = std::min(chunk_bytes_, p.length - off);
-        split.push_back(Piece{p.local + off, p.remote + off, n});
+        split.push_back(Piece{p.local + off, p.remote + off, n, p.remote_region, p.remote_offset + off});
         off += n;
       }
     }

@@ -30,6 +30,7 @@ export interface ControlServerOptions {
 export class ControlServer {
   private readonly server: net.Server;
   private readonly sockets = new Set<net.Socket>();
+  private boundAddress: net.AddressInfo | null = null;
 
   private constructor(server: net.Server, private readonly options: ControlServerOptions) {
     this.server = server;
@@ -46,18 +47,25 @@ export class ControlServer {
       server.listen(options.port, options.host, () => resolve());
     });
     server.unref();
+    cs.bound();
     return cs;
   }
 
   /** "host:port" peers connect to. */
   get address(): string {
-    const a = this.server.address() as net.AddressInfo;
+    const a = this.bound();
     const host = a.family === 'IPv6' ? `[${a.address}]` : a.address;
     return `${host}:${a.port}`;
   }
 
   get port(): number {
-    return (this.server.address() as net.AddressInfo).port;
+    return this.bound().port;
+  }
+
+  /** Where the server listens; still answers after close(), when net.Server.address() is null. */
+  private bound(): net.AddressInfo {
+    this.boundAddress ??= this.server.address() as net.AddressInfo;
+    return this.boundAddress;
   }
 
   private accept(socket: net.Socket): void {
@@ -240,8 +248,9 @@ export class ControlClient {
     return this.closedError !== null;
   }
 
+  /** Ends the connection. Close listeners run now, not when the socket's close event arrives later. */
   close(): void {
-    this.socket.destroy();
+    this.abort(new TransferError(`control connection to ${this.address} closed`, 'ERR_PEER_LOST'));
   }
 
   private abort(err: TransferError): void {

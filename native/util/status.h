@@ -23,6 +23,9 @@ enum class Code : int {
   kNotShareable,     // ERR_NOT_SHAREABLE
   kBackendUnavailable,  // ERR_BACKEND_UNAVAILABLE
   kSystem,           // ERR_SYSTEM (carries errno)
+  kProtocol,         // ERR_PROTOCOL (a peer sent something malformed)
+  kAuth,             // ERR_AUTH (a peer failed the shared-secret proof)
+  kLastCode = kAuth,
 };
 
 inline const char* CodeName(Code c) {
@@ -40,6 +43,8 @@ inline const char* CodeName(Code c) {
     case Code::kNotShareable: return "ERR_NOT_SHAREABLE";
     case Code::kBackendUnavailable: return "ERR_BACKEND_UNAVAILABLE";
     case Code::kSystem: return "ERR_SYSTEM";
+    case Code::kProtocol: return "ERR_PROTOCOL";
+    case Code::kAuth: return "ERR_AUTH";
   }
   return "ERR_UNKNOWN";
 }
