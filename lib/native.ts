@@ -90,8 +90,8 @@ export interface NativeEcStoreOptions {
 
 /** One attached handle on a shared encoder-cache store (native/ec_binding.cc). */
 export interface NativeEcStore {
-  /** The entries' bytes: offsets returned by reserve/acquire index into it. */
-  arena(): ArrayBuffer;
+  /** Window k of the arena: bytes [k GiB, k GiB + 4 GiB), clipped at its end. */
+  arena(window: number): ArrayBuffer;
   has(key: string): boolean;
   stat(key: string): { size: number; meta: string } | null;
   reserve(key: string, size: number, meta: string): { ticket: number; offset: number } | 'exists' | 'busy';

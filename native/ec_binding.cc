@@ -12,6 +12,7 @@
 #include <cstring>
 #include <memory>
 #include <unordered_map>
+#include <vector>
 
 #include "ec_store.h"
 #include "util/napi_util.h"
@@ -65,10 +66,16 @@ void ReadKey(const Napi::CallbackInfo& info, size_t i, Key* key) {
 
 uint64_t Ticket(const Napi::CallbackInfo& info, size_t i) { return ArgIndex(info, i, "ticket"); }
 
-// An ArrayBuffer over the whole arena that keeps the mapping alive. Views of entries
-// are made in JS on top of it: one external backing store per handle, not one per
-// view (V8 charges each external backing store to its GC heuristics).
-Napi::ArrayBuffer ArenaBuffer(Napi::Env env, const std::shared_ptr<ec::Mapping>& mapping, uint8_t* data, size_t len) {
+// Zero-copy views are made in JS on top of a few ArrayBuffers over the arena: one
+// external backing store per window, not one per view (V8 charges each external
+// backing store to its GC heuristics). Window k covers [k GiB, k GiB + 4 GiB) of the
+// arena (clipped at its end): Node 20 cannot create an external ArrayBuffer larger
+// than 4 GiB, and with 1 GiB strides every entry up to 3 GiB lies wholly in window
+// floor(offset / 1 GiB).
+constexpr uint64_t kWindowStride = 1ull << 30;
+constexpr uint64_t kWindowBytes = 4ull << 30;
+
+Napi::ArrayBuffer WindowBuffer(Napi::Env env, const std::shared_ptr<ec::Mapping>& mapping, uint8_t* data, size_t len) {
   auto* keep = new std::shared_ptr<ec::Mapping>(mapping);
   return Napi::ArrayBuffer::New(env, data, len, [](Napi::Env, void*, std::shared_ptr<ec::Mapping>* k) { delete k; }, keep);
 }
@@ -202,14 +209,20 @@ class EcStoreWrap : public Napi::ObjectWrap<EcStoreWrap> {
     return store_.get();
   }
 
-  // arena() -> ArrayBuffer over the entries' bytes (entry offsets index into it).
+  // arena(k) -> ArrayBuffer over window k of the arena (see WindowBuffer).
   Napi::Value Arena(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     ec::Store* s = store(env);
-    if (arena_.IsEmpty()) {
-      arena_ = Napi::Persistent(ArenaBuffer(env, s->mapping(), s->arena(), static_cast<size_t>(s->layout().capacity)));
+    const uint64_t capacity = s->layout().capacity;
+    uint64_t k = ArgIndex(info, 0, "window");
+    if (k * kWindowStride >= capacity) BadArgument(env, "window " + std::to_string(k) + " is past the arena");
+    if (windows_.size() <= k) windows_.resize(k + 1);
+    if (windows_[k].IsEmpty()) {
+      uint64_t start = k * kWindowStride;
+      uint64_t len = std::min(kWindowBytes, capacity - start);
+      windows_[k] = Napi::Persistent(WindowBuffer(env, s->mapping(), s->arena() + start, static_cast<size_t>(len)));
     }
-    return arena_.Value();
+    return windows_[k].Value();
   }
 
   Napi::Value Has(const Napi::CallbackInfo& info) {
@@ -442,7 +455,7 @@ class EcStoreWrap : public Napi::ObjectWrap<EcStoreWrap> {
   }
 
   std::unique_ptr<ec::Store> store_;
-  Napi::Reference<Napi::ArrayBuffer> arena_;
+  std::vector<Napi::Reference<Napi::ArrayBuffer>> windows_;
   std::unordered_map<uint64_t, ec::EntryRef> reservations_;
 };
 

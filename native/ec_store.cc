@@ -168,7 +168,7 @@ Result Plan(const OpenOptions& o, LayoutPlan* p) {
     return Result::Error("ERR_BAD_ARGUMENT", "alignment must be a power of two in [64, 2 MiB]");
   }
   l.capacity = AlignUp(o.capacity, l.alignment);
-  uint64_t derived = std::min<uint64_t>(65536, std::max<uint64_t>(256, l.capacity / (64 << 10)));
+  uint64_t derived = std::min<uint64_t>(65536, std::max<uint64_t>(256, l.capacity / (256 << 10)));
   l.max_entries = o.max_entries == 0 ? static_cast<uint32_t>(derived) : o.max_entries;
   if (l.max_entries < 1 || l.max_entries > (1u << 20)) {
     return Result::Error("ERR_BAD_ARGUMENT", "maxEntries must be in [1, 1048576]");

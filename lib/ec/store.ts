@@ -27,7 +27,7 @@ export interface EncoderCacheStoreOptions {
    * capacity. Omitted, the store must exist (else `ERR_NOT_FOUND`).
    */
   capacity?: number | string;
-  /** Most entries at once. Default capacity / 64 KiB, clamped to [256, 65536]. Creation only. */
+  /** Most entries at once. Default capacity / 256 KiB, clamped to [256, 65536]. Creation only. */
   maxEntries?: number;
   /** Entries start at multiples of this (a power of two, 64 B – 2 MiB). Default 4096. Creation only. */
   alignment?: number;
@@ -74,6 +74,12 @@ export type LoadTarget = ArrayBufferView | ArrayBuffer | Region | { region: Regi
 export type EncoderCacheStats = NativeEcStats & { capacity: number };
 
 const encoder = new TextEncoder();
+
+// Zero-copy views are slices of windows over the arena (native/ec_binding.cc):
+// window k starts at k GiB and spans up to 4 GiB, so an entry of up to 3 GiB lies
+// wholly in window floor(offset / 1 GiB).
+const WINDOW_STRIDE = 2 ** 30;
+const MAX_VIEW_BYTES = 3 * 2 ** 30;
 
 function encodeMeta(meta: unknown): string {
   if (meta === undefined) return '';
@@ -166,6 +172,7 @@ export class EncoderCacheEntry {
  */
 export class EncoderCacheWriter {
   private state: 'open' | 'committed' | 'aborted' = 'open';
+  private view: Buffer | undefined;
 
   /** @internal */
   constructor(
@@ -173,13 +180,14 @@ export class EncoderCacheWriter {
     private readonly ticket: number,
     /** The key. */
     readonly mmHash: string,
-    /** The reserved bytes, writable, in the shared store. */
-    readonly bytes: Buffer,
+    /** Reserved size in bytes. */
+    readonly size: number,
+    private readonly makeView: () => Buffer,
   ) {}
 
-  /** Reserved size in bytes. */
-  get size(): number {
-    return this.bytes.length;
+  /** The reserved bytes, writable, in the shared store (entries up to 3 GiB; else ERR_OUT_OF_RANGE). */
+  get bytes(): Buffer {
+    return (this.view ??= this.makeView());
   }
 
   /** `open`, `committed` or `aborted`. */
@@ -198,7 +206,7 @@ export class EncoderCacheWriter {
   /** Publishes the entry: from now on every process finds it. */
   commit(): void {
     this.assertOpen();
-    this.store._commit(this.ticket, this.bytes);
+    this.store._commit(this.ticket, this);
     this.state = 'committed';
   }
 
@@ -206,7 +214,7 @@ export class EncoderCacheWriter {
   abort(): void {
     if (this.state !== 'open') return;
     this.state = 'aborted';
-    this.store._abort(this.ticket, this.bytes);
+    this.store._abort(this.ticket, this);
   }
 
   private assertOpen(): void {
@@ -217,7 +225,7 @@ export class EncoderCacheWriter {
 /** Embeddings by mmHash in host shared memory, shared by every process that opens the same name. */
 export class EncoderCacheStore {
   private readonly info: NativeEcInfo;
-  private readonly arena: ArrayBuffer;
+  private readonly windows: ArrayBuffer[] = [];
   private readonly inflight = new Set<Promise<unknown>>();
   private closing: Promise<void> | null = null;
   // A view that is garbage collected without release()/commit() gives back its pin or reservation.
@@ -226,7 +234,6 @@ export class EncoderCacheStore {
 
   private constructor(private readonly native: NativeEcStore) {
     this.info = native.info();
-    this.arena = native.arena();
   }
 
   /** Opens (or creates, given a capacity) the store `options.name` and attaches this process to it. */
@@ -345,7 +352,13 @@ export class EncoderCacheStore {
   acquire(mmHash: string): EncoderCacheEntry | null {
     const r = this.native.acquire(expectKey(mmHash));
     if (r === null) return null;
-    const view = Buffer.from(this.arena, r.offset, r.size);
+    let view: Buffer;
+    try {
+      view = this.view(r.offset, r.size);
+    } catch (err) {
+      this.native.release(r.ticket);
+      throw err;
+    }
     this.pins.register(view, r.ticket, view);
     return new EncoderCacheEntry(this, r.ticket, mmHash, view, decodeMeta(r.meta));
   }
@@ -396,14 +409,14 @@ export class EncoderCacheStore {
   }
 
   /** @internal */
-  _commit(ticket: number, view: Buffer): void {
-    this.reservations.unregister(view);
+  _commit(ticket: number, writer: EncoderCacheWriter): void {
     this.native.commit(ticket);
+    this.reservations.unregister(writer);
   }
 
   /** @internal */
-  _abort(ticket: number, view: Buffer): void {
-    this.reservations.unregister(view);
+  _abort(ticket: number, writer: EncoderCacheWriter): void {
+    this.reservations.unregister(writer);
     this.quietly(() => this.native.abort(ticket));
   }
 
@@ -434,9 +447,9 @@ export class EncoderCacheStore {
       const r = this.native.reserve(key, size, o.meta);
       if (r === 'exists') return null;
       if (r !== 'busy') {
-        const view = Buffer.from(this.arena, r.offset, size);
-        this.reservations.register(view, r.ticket, view);
-        return new EncoderCacheWriter(this, r.ticket, key, view);
+        const writer = new EncoderCacheWriter(this, r.ticket, key, size, () => this.view(r.offset, size));
+        this.reservations.register(writer, r.ticket, writer);
+        return writer;
       }
       const left = deadline - performance.now();
       if (left <= 0) {
@@ -445,6 +458,15 @@ export class EncoderCacheStore {
       await sleep(Math.min(delay, left), undefined, o.signal ? { signal: o.signal } : undefined).catch(() => {});
       delay = Math.min(delay * 2, 20);
     }
+  }
+
+  private view(offset: number, size: number): Buffer {
+    if (size > MAX_VIEW_BYTES) {
+      throw new TransferError(`a zero-copy view holds at most 3 GiB; use load() for this ${size}-byte entry`, 'ERR_OUT_OF_RANGE');
+    }
+    const k = Math.floor(offset / WINDOW_STRIDE);
+    const window = (this.windows[k] ??= this.native.arena(k));
+    return Buffer.from(window, offset - k * WINDOW_STRIDE, size);
   }
 
   private track<T>(p: Promise<T>): Promise<T> {

@@ -434,6 +434,30 @@ describe('EncoderCacheStore: bad input', () => {
   });
 });
 
+describe('EncoderCacheStore: large arenas', () => {
+  it('gives zero-copy views of entries far beyond 4 GiB into the arena', async () => {
+    // Reservations that are never written take no memory: the object is sparse.
+    const GiB = 2 ** 30;
+    const store = await open({ capacity: '8GiB' });
+    const spacers = [(await store.reserve('spacer-1', 3.25 * GiB))!, (await store.reserve('spacer-2', 2.25 * GiB))!];
+    const bytes = ecPattern(130, 64 * KiB);
+    await store.save('deep', bytes); // lands at 5.5 GiB
+    const entry = store.acquire('deep')!;
+    expect(entry.bytes.equals(bytes)).toBe(true);
+    entry.release();
+    const writer = (await store.reserve('deep-2', 4 * KiB))!;
+    writer.bytes.set(ecPattern(131, 4 * KiB));
+    writer.commit();
+    expect(store.acquire('deep-2')!.bytes.equals(ecPattern(131, 4 * KiB))).toBe(true);
+
+    // An entry above 3 GiB has no zero-copy view; acquire says so and keeps nothing pinned.
+    spacers[0].commit();
+    await expectCode(() => store.acquire('spacer-1'), 'ERR_OUT_OF_RANGE');
+    expect(store.stats().pinned).toBe(1); // deep-2, still held above
+    spacers[1].abort();
+  });
+});
+
 describe('EncoderCacheStore: resources', () => {
   it('opening, using and closing handles repeatedly leaves no descriptors or shared memory behind', async () => {
     const name = storeName('leak');
