@@ -232,8 +232,11 @@ Result MapObject(int fd, size_t bytes, std::shared_ptr<Mapping>* out, const std:
   return Result::Ok();
 }
 
+// The magic is stored last at creation: without it the creator died mid-way.
+bool HeaderPublished(const Header* h) { return __atomic_load_n(&h->magic, __ATOMIC_ACQUIRE) == kMagic; }
+
 bool HeaderValid(const Header* h, uint64_t size) {
-  return __atomic_load_n(&h->magic, __ATOMIC_ACQUIRE) == kMagic && h->version == kVersion &&
+  return HeaderPublished(h) && h->version == kVersion &&
          h->entry_bytes == sizeof(Entry) && h->attachment_bytes == sizeof(Attachment) &&
          h->pin_bytes == sizeof(PinSlot) && h->mutex_bytes == sizeof(pthread_mutex_t) &&
          h->header_bytes == sizeof(Header) && h->total_bytes == size && h->arena_off + h->capacity == size &&
@@ -286,7 +289,13 @@ Result Store::Open(const std::string& name, const OpenOptions& options, std::uni
     if (size >= sizeof(Header)) {
       r = MapObject(fd, size, &s->mapping_, s->object_);
       if (!r.ok()) return r;  // ~Store closes fd_ and drops the flock
-      valid = HeaderValid(reinterpret_cast<Header*>(s->mapping_->data), size);
+      const Header* h = reinterpret_cast<Header*>(s->mapping_->data);
+      valid = HeaderValid(h, size);
+      if (!valid && HeaderPublished(h)) {
+        // A live store of another build: never re-create it under its users.
+        return Result::Error("ERR_PROTOCOL_VERSION", "encoder cache store '" + name + "' was created by an incompatible build (layout version " +
+                                                         std::to_string(h->version) + ", this build " + std::to_string(kVersion) + ")");
+      }
       if (!valid) s->mapping_.reset();
     }
     if (!valid) {
@@ -459,8 +468,10 @@ Result Store::ReclaimStale(int* removed) {
       std::shared_ptr<Mapping> m;
       if (size < sizeof(Header) || !MapObject(fd, size, &m, object).ok()) {
         stale = true;  // a creator died before sizing it
-      } else if (!HeaderValid(reinterpret_cast<Header*>(m->data), size)) {
+      } else if (!HeaderPublished(reinterpret_cast<Header*>(m->data))) {
         stale = true;  // ... or before finishing its initialisation
+      } else if (!HeaderValid(reinterpret_cast<Header*>(m->data), size)) {
+        stale = false;  // another build's store: its liveness is not ours to judge
       } else {
         std::unique_ptr<Store> s(new Store());
         s->closed_ = true;  // a probe, not an attachment

@@ -145,9 +145,9 @@ export class ECConnector {
 
   /**
    * Whether an embedding for `mmHash` exists: in this host's store (answered from
-   * shared memory) or, with a remote, on another host (one directory lookup). True
-   * reserves nothing: the item becomes a load only through
-   * {@link updateStateAfterAlloc}.
+   * shared memory) or, with a remote, on another host (one directory lookup; a
+   * directory that fails to answer counts as a miss). True reserves nothing: the
+   * item becomes a load only through {@link updateStateAfterAlloc}.
    */
   async hasCacheItem(mmHash: string): Promise<boolean> {
     this.expectRole('scheduler', 'hasCacheItem');
@@ -157,7 +157,8 @@ export class ECConnector {
       return true;
     }
     if (!this.remote) return false;
-    const [holder] = await this.remote.locate(mmHash);
+    // A directory that cannot answer reads as a miss: the item is encoded here.
+    const [holder] = await this.remote.locate(mmHash).catch(() => [] as string[]);
     if (holder === undefined) return false;
     this.found.set(mmHash, holder);
     return true;

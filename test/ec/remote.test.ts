@@ -107,6 +107,12 @@ describe('encoder cache across hosts', () => {
     expect(store.acquire('img')!.bytes.equals(ecPattern(1, SIZE))).toBe(true);
   });
 
+  it('a directory that cannot answer reads as a miss to the scheduler', async () => {
+    const scheduler = new ECConnector({ role: 'scheduler', store, remote });
+    await directoryEngine.close();
+    expect(await scheduler.hasCacheItem('img')).toBe(false);
+  });
+
   it('a holder that died is forgotten and the fetch is a miss', async () => {
     await holder.kill();
     expect(await remote.fetch('img', Buffer.alloc(SIZE))).toBeNull();

@@ -1,6 +1,6 @@
 // EncoderCacheStore within one process: saving and loading, visibility, single
 // flight, LRU eviction, pins, capacity errors, misses, bad input, lifecycle.
-import { readdirSync } from 'node:fs';
+import { closeSync, openSync, readdirSync, readSync, writeSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Worker } from 'node:worker_threads';
@@ -354,6 +354,26 @@ describe('EncoderCacheStore: lifecycle', () => {
     await expectCode(() => EncoderCacheStore.open({ name: store.name, capacity: '1MiB', maxEntries: 7 }), 'ERR_BAD_ARGUMENT');
     expect(store.has('k')).toBe(true);
     expect(store.stats().processes).toBe(1);
+  });
+
+  it('refuses a store made by an incompatible build, and never re-creates or reclaims it', async () => {
+    const store = await open();
+    await store.save('k', ecPattern(105, KiB));
+    const file = `/dev/shm/epdec-${store.name}`;
+    const fd = openSync(file, 'r+');
+    const version = Buffer.alloc(4);
+    readSync(fd, version, 0, 4, 8); // the layout version follows the 8-byte magic
+    try {
+      writeSync(fd, Buffer.from([0xe7, 0x03, 0, 0]), 0, 4, 8); // version 999
+      await expectCode(() => EncoderCacheStore.open({ name: store.name }), 'ERR_PROTOCOL_VERSION');
+      await expectCode(() => EncoderCacheStore.open({ name: store.name, capacity: '1MiB' }), 'ERR_PROTOCOL_VERSION');
+      EncoderCacheStore.reclaimStale();
+      expect(storeObjects(store.name)).toHaveLength(1);
+    } finally {
+      writeSync(fd, version, 0, 4, 8);
+      closeSync(fd);
+    }
+    expect(store.acquire('k')!.bytes.equals(ecPattern(105, KiB))).toBe(true);
   });
 
   it('limits the number of attached handles (maxProcesses)', async () => {
