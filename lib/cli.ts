@@ -4,13 +4,19 @@
  *   epd-transfer probe [--json]
  *   epd-transfer bench transfer [--transport shm] [--op write|read] [--block 1MiB] [--batch 64]
  *                               [--threads n] [--inflight 2] [--region 512MiB] [--runs 5] [--json]
+ *   epd-transfer bench layerwise --model <profile> --tokens <n> [--link 25GB/s] [--transport shm]
+ *                                [--runs 3] [--integrity] [--trace out.json] [--json]
+ *   epd-transfer proxy [--prefill <url> --decode <url> | --pd <url>] [--encode <url>] [options]
+ *   epd-transfer proxy instances list|add|remove --proxy <url> [--role <role>] [url...]
+ *   epd-transfer bench proxy [--rate 500] [--json]
  *   epd-transfer bench ec [--bytes 18MiB] [--processes 1] [--runs 5] [--json]
  *   epd-transfer shm-gc
  */
 import { parseArgs } from 'node:util';
 import { TransferError } from './errors.js';
 import { native } from './native.js';
-import { probe } from './probe.js';
+import { probe, type BackendStatus } from './probe.js';
+import { BENCH_PROXY_USAGE, PROXY_USAGE, benchProxyCommand, runProxyCommand } from './proxy/cli.js';
 import { expectInteger, parseBytes } from './validate.js';
 
 const USAGE = `Usage: epd-transfer <command> [options]
@@ -27,12 +33,22 @@ Commands:
       --region <size>            working set per side (512MiB)
       --runs <n>                 measured runs, median reported (5)
       --json                     one JSON object instead of the table
-  bench ec [options]             encoder cache: save in one process, load in others, next to memcpy
+  bench layerwise [options]      layerwise KV push vs bulk transfer after a simulated prefill
+      --model <id>               model profile: llama3-8b, qwen2.5-7b, qwen2.5-vl-7b,
+                                 deepseek-v2-lite, deepseek-r1 (llama3-8b)
+      --tokens <n>               prompt tokens (4096)
+      --link <bandwidth>         emulate a link, e.g. 4GB/s, 25GB/s, 200Gbit/s (unpaced)
+      --transport shm|tcp        transport (shm)
+      --runs <n>                 measured runs of each mode, median reported (3)
+      --integrity                checksum every layer, verified by decode
+      --trace <file>             write a Chrome trace (prefill + decode) of the last run
+      --json                     one JSON object instead of the table
+${BENCH_PROXY_USAGE}  bench ec [options]             encoder cache: save in one process, load in others, next to memcpy
       --bytes <size>             embedding size (18MiB)
       --processes <n>            loader processes, measured one after another (1)
       --runs <n>                 measured runs, median reported (5)
       --json                     one JSON object instead of the table
-  shm-gc                         remove shared memory left by crashed engines and encoder caches
+${PROXY_USAGE}  shm-gc                         remove shared memory left by crashed engines and encoder caches
 `;
 
 async function benchEc(args: string[]): Promise<void> {
@@ -93,6 +109,35 @@ async function benchTransfer(args: string[]): Promise<void> {
   else printTransferResult(result);
 }
 
+async function benchLayerwise(args: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args,
+    options: {
+      model: { type: 'string', default: 'llama3-8b' },
+      tokens: { type: 'string', default: '4096' },
+      link: { type: 'string' },
+      transport: { type: 'string', default: 'shm' },
+      runs: { type: 'string', default: '3' },
+      integrity: { type: 'boolean', default: false },
+      trace: { type: 'string' },
+      json: { type: 'boolean', default: false },
+    },
+  });
+  if (values.transport !== 'shm' && values.transport !== 'tcp') throw new TransferError('--transport must be shm or tcp', 'ERR_BAD_ARGUMENT');
+  const { runLayerwiseBench, printLayerwiseResult } = await import('../bench/layerwise.js');
+  const result = await runLayerwiseBench({
+    model: values.model,
+    tokens: expectInteger(Number(values.tokens), '--tokens', 1, 1 << 20),
+    link: values.link,
+    transport: values.transport,
+    runs: expectInteger(Number(values.runs), '--runs', 1, 100),
+    integrity: values.integrity,
+    trace: values.trace,
+  });
+  if (values.json) console.log(JSON.stringify(result));
+  else printLayerwiseResult(result);
+}
+
 function runProbe(args: string[]): void {
   const { values } = parseArgs({ args, options: { json: { type: 'boolean', default: false } } });
   const result = probe();
@@ -100,10 +145,21 @@ function runProbe(args: string[]): void {
     console.log(JSON.stringify(result));
     return;
   }
+  const line = (v: BackendStatus): string => {
+    if (!v.available) return `unavailable: ${v.status ? `${v.status}: ` : ''}${v.reason}`;
+    const details = [
+      v.library,
+      v.devices === undefined ? undefined : `${v.devices} device(s)`,
+      v.version,
+      v.driverVersion === undefined ? undefined : `CUDA ${Math.floor(v.driverVersion / 1000)}.${(v.driverVersion % 1000) / 10}`,
+      v.ipc === false ? 'no IPC' : undefined,
+    ].filter(Boolean);
+    return details.length > 0 ? `available (${details.join(', ')})` : 'available';
+  };
   console.log('devices:');
-  for (const [k, v] of Object.entries(result.devices)) console.log(`  ${k.padEnd(9)} ${v.available ? 'available' : `unavailable (${v.reason})`}`);
+  for (const [k, v] of Object.entries(result.devices)) console.log(`  ${k.padEnd(9)} ${line(v)}`);
   console.log('transports:');
-  for (const [k, v] of Object.entries(result.transports)) console.log(`  ${k.padEnd(9)} ${v.available ? 'available' : `unavailable (${v.reason})`}`);
+  for (const [k, v] of Object.entries(result.transports)) console.log(`  ${k.padEnd(9)} ${line(v)}`);
   console.log(`memcpy: ${result.memcpyGbps.toFixed(2)} GB/s (single thread, 256 MiB working set)`);
 }
 
@@ -121,6 +177,11 @@ export async function main(argv: string[]): Promise<number> {
           await benchTransfer(args);
           return 0;
         }
+        if (what === 'layerwise') {
+          await benchLayerwise(args);
+          return 0;
+        }
+        if (what === 'proxy') return await benchProxyCommand(args);
         if (what === 'ec') {
           await benchEc(args);
           return 0;
@@ -128,6 +189,8 @@ export async function main(argv: string[]): Promise<number> {
         console.error(`unknown bench '${what ?? ''}'\n\n${USAGE}`);
         return 2;
       }
+      case 'proxy':
+        return await runProxyCommand(rest);
       case 'shm-gc':
         console.log(`removed ${native.reclaimStaleShm()} stale shared-memory object(s)`);
         console.log(`removed ${native.reclaimStaleEcStores()} stale encoder-cache store(s)`);

@@ -2,7 +2,9 @@
  * The device an engine runs on: memory, FIFO streams, events and IPC, with the
  * same shape for every backend. `host` (the CPU) is always available; its streams
  * are worker threads and its events real fences, so code written against it
- * behaves the same on ACL or CUDA devices.
+ * behaves the same on ACL or CUDA devices. `acl` (Ascend NPU) and `cuda` (NVIDIA GPU)
+ * load their vendor runtime at run time (docs/VENDOR.md); their streams and events
+ * are the same DeviceStream / DeviceEvent classes.
  */
 import { TransferError } from './errors.js';
 import type { NativeEngine, NativeEvent, NativeStream } from './native.js';
@@ -63,6 +65,16 @@ export class DeviceEvent {
     this.native.record(stream.native);
   }
 
+  /**
+   * The vendor runtime's handle of this event (an `aclrtEvent` on `acl`, a `CUevent`
+   * on `cuda`), for code outside epd-transfer; undefined on `host`. It stays valid
+   * until the event is destroyed.
+   */
+  get handle(): bigint | undefined {
+    const h = this.native.handle();
+    return h === 0n ? undefined : h;
+  }
+
   /** True when the recorded work has run (or nothing was recorded). Never blocks. */
   query(): boolean {
     return this.native.query();
@@ -113,9 +125,32 @@ export class Device {
     this.engine.deviceRead(expectBytes(target, 'target'), expectPointer(ptr, 'ptr'));
   }
 
-  /** A key another process on this host can import with {@link Device.ipcImport}. */
+  /**
+   * A key another process on this host can import with {@link Device.ipcImport}.
+   * On `acl` the importer must also be allowed: see {@link Device.ipcAllow}.
+   */
   ipcExport(ptr: bigint, length: number): string {
     return this.engine.deviceIpcExport(expectPointer(ptr, 'ptr'), expectInteger(length, 'length', 1));
+  }
+
+  /**
+   * The id of this process that an exporter passes to {@link Device.ipcAllow} before
+   * this process imports its keys. On `acl` it is the host-physical pid
+   * (aclrtDeviceGetBareTgid), which differs from `process.pid` inside containers.
+   */
+  ipcProcessId(): number {
+    return this.engine.deviceIpcProcessId();
+  }
+
+  /**
+   * Lets process `pid` (its {@link Device.ipcProcessId}) import `key`, or, with
+   * `key` omitted, every key this device has exported and will export. Required on
+   * `acl`, whose IPC keys carry a pid whitelist; a no-op on `host` and `cuda`.
+   */
+  ipcAllow(pid: number, key?: string): void {
+    const id = expectInteger(pid, 'pid', 1, 0x7fffffff);
+    if (key !== undefined && (typeof key !== 'string' || key.length === 0)) badArgument('key', 'an IPC key string', key);
+    this.engine.deviceIpcAllow(key ?? '', id);
   }
 
   ipcImport(key: string): DeviceAllocation {
@@ -133,6 +168,19 @@ export class Device {
 
   createEvent(): DeviceEvent {
     return new DeviceEvent(this.engine.createEvent());
+  }
+
+  /**
+   * Wraps an event recorded by other code on this device — an `aclrtEvent` on `acl`,
+   * a `CUevent` on `cuda`, as a bigint handle — so it can serve where a DeviceEvent
+   * is expected (a layer-ready signal, `stream.waitEvent`). `query()` and
+   * `synchronize()` work on it; `destroy()` drops the wrapper, never the handle.
+   * With torch_npu, hand over an event only after torch's own `event.synchronize()` or
+   * `query()` said it was recorded: its task queue may still hold the record
+   * (docs/VENDOR.md).
+   */
+  importEvent(handle: bigint): DeviceEvent {
+    return new DeviceEvent(this.engine.wrapEvent(expectPointer(handle, 'handle')));
   }
 }
 

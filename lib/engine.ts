@@ -10,11 +10,12 @@
  * await engine.close();
  * ```
  */
+import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import os from 'node:os';
 import { Device } from './device.js';
 import { TransferError, isTransferError, withCallerStack } from './errors.js';
-import { ControlClient, ControlServer, type RequestHandler } from './meta/handshake.js';
+import { ControlClient, ControlServer, dataKey, parseAddress, type ControlSession, type RequestHandler } from './meta/handshake.js';
 import { WIRE_VERSION, type SegmentDescriptor } from './meta/wire.js';
 import { resolveLink, type LinkOptions, type NativeLinkSpec } from './link.js';
 import { addonPath, COUNTER_NAMES, native, type NativeEngine } from './native.js';
@@ -34,14 +35,41 @@ export interface EngineOptions {
   threads?: number;
   /** Descriptors larger than this are split across threads. Default 1 MiB. */
   chunkBytes?: number;
-  /** Device backend. Only `host` exists in this build. */
+  /**
+   * Device backend: `host` (default, the CPU), `acl` (Ascend NPU through
+   * libascendcl.so) or `cuda` (NVIDIA GPU through libcuda.so.1). Vendor runtimes are
+   * loaded at run time; one that cannot run here fails open() with
+   * ERR_BACKEND_UNAVAILABLE and the reason (see `probe()`).
+   */
   device?: 'host' | 'acl' | 'cuda';
+  /** Which NPU/GPU (ordinal as the runtime numbers them). Default 0. */
+  deviceId?: number;
   /** Default deadline of a batch. Default 30 000 ms. */
   timeoutMs?: number;
   /** Deadline of `connect`. Default 5 000 ms. */
   connectTimeoutMs?: number;
   /** Remove shared-memory objects left by crashed engines on this host. Default true. */
   reclaimStale?: boolean;
+  /**
+   * How to reach peers: `'auto'` (default) uses shm for a peer on this host (same
+   * boot id) and tcp otherwise; `'shm'` or `'tcp'` forces one. `connect()` may override.
+   */
+  transport?: TransportChoice;
+  /** Data connections per tcp peer; large descriptors are split across them. Default 2. */
+  connections?: number;
+  /**
+   * Shared secret (string or bytes). When set, the handshake and every tcp data
+   * connection prove it with HMAC-SHA256 challenge-response (never sent on the
+   * wire), both ways; a peer without it gets ERR_AUTH and no region information.
+   * Default: the `EPD_TRANSFER_SECRET` environment variable, else none.
+   */
+  secret?: string | Uint8Array;
+  /** Accept tcp data connections (when listening). Default true. */
+  tcp?: boolean;
+  /** Host of the tcp data listener. Default: `host`. A wildcard (0.0.0.0, ::) is advertised as "the host you reached me at". */
+  dataHost?: string;
+  /** Port of the tcp data listener. Default 0 (any free port). */
+  dataPort?: number;
   /**
    * Emulate a link to every peer of this engine (each peer gets its own link):
    * real transfers are paced to `{ bandwidth, latency, jitter, seed }`, with optional
@@ -50,10 +78,17 @@ export interface EngineOptions {
   link?: LinkOptions;
 }
 
+/** Which transport reaches a peer. */
+export type TransportChoice = 'auto' | 'shm' | 'tcp';
+
 /** Options of {@link TransferEngine.connect}. */
 export interface ConnectOptions {
-  /** Deadline of the handshake. Default: the engine's `connectTimeoutMs`. */
+  /** Deadline of the handshake (and of opening tcp data connections). Default: the engine's `connectTimeoutMs`. */
   timeoutMs?: number;
+  /** Transport for this peer; replaces the engine's `transport` option. */
+  transport?: TransportChoice;
+  /** tcp data connections for this peer (1..16); replaces the engine's `connections`. */
+  connections?: number;
   /** Emulated link to this peer; replaces the engine's `link` option. */
   link?: LinkOptions;
 }
@@ -92,6 +127,30 @@ export interface Descriptor {
 export type EngineCounters = Readonly<Record<(typeof COUNTER_NAMES)[number], number>>;
 
 const STRIDE = 5;
+/** tcp data connections per peer unless configured (see docs/BENCHMARKS.md, tcp section). */
+const DEFAULT_CONNECTIONS = 2;
+
+function expectTransport(value: unknown, name: string): TransportChoice {
+  if (value !== 'auto' && value !== 'shm' && value !== 'tcp') badArgument(name, '"auto", "shm" or "tcp"', value);
+  return value;
+}
+
+function resolveSecret(value: unknown): Buffer | undefined {
+  if (value === undefined) {
+    const env = process.env.EPD_TRANSFER_SECRET;
+    return env ? Buffer.from(env, 'utf8') : undefined;
+  }
+  if (typeof value === 'string' && value.length > 0) return Buffer.from(value, 'utf8');
+  if (value instanceof Uint8Array && value.length > 0) return Buffer.from(value);
+  return badArgument('options.secret', 'a non-empty string or byte array', typeof value === 'string' ? '(empty string)' : value);
+}
+
+/** A data address with a wildcard host means "the host you reached my control port at". */
+function reachable(address: string, controlHost: string): string {
+  const { host, port } = parseAddress(address);
+  if (host === '0.0.0.0' || host === '::' || host === '*') return controlHost.includes(':') ? `[${controlHost}]:${port}` : `${controlHost}:${port}`;
+  return address;
+}
 let engineSeq = 0;
 
 /**
@@ -247,6 +306,8 @@ export class Peer {
     readonly address: string,
     private segment: SegmentDescriptor,
     private readonly client: ControlClient,
+    /** The transport that moves this peer's bytes. */
+    readonly transport: 'shm' | 'tcp' = 'shm',
   ) {}
 
   get name(): string {
@@ -322,18 +383,27 @@ export class TransferEngine {
   private readonly exitRef: WeakRef<NativeEngine>;
   private closing: Promise<void> | null = null;
   private closed = false;
+  private dataAddress: string | undefined;
 
   private constructor(
-    private readonly options: Required<Pick<EngineOptions, 'threads' | 'chunkBytes' | 'timeoutMs' | 'connectTimeoutMs'>> & {
+    private readonly options: Required<Pick<EngineOptions, 'threads' | 'chunkBytes' | 'timeoutMs' | 'connectTimeoutMs' | 'device' | 'deviceId'>> & {
       link?: NativeLinkSpec;
+      transport: TransportChoice;
+      connections: number;
+      secret?: Buffer;
     },
     name: string,
     private server: ControlServer | null,
   ) {
     this.name = name;
-    this.native = new native.NativeEngine({ threads: options.threads, chunkBytes: options.chunkBytes });
+    this.native = new native.NativeEngine({
+      threads: options.threads,
+      chunkBytes: options.chunkBytes,
+      device: options.device,
+      deviceId: options.deviceId,
+    });
     this.exitRef = closeOnExit(this.native);
-    this.device = new Device(this.native, 'host');
+    this.device = new Device(this.native, options.device);
     const view = this.native.counters();
     const counters = {} as Record<string, number>;
     COUNTER_NAMES.forEach((key, i) => Object.defineProperty(counters, key, { get: () => Number(view[i]), enumerable: true }));
@@ -344,28 +414,39 @@ export class TransferEngine {
   static async open(options?: EngineOptions): Promise<TransferEngine> {
     const o = expectOptionalObject(options, 'options') as EngineOptions;
     const device = o.device ?? 'host';
-    if (device !== 'host') {
-      if (device === 'acl' || device === 'cuda') {
-        throw new TransferError(`device backend '${device}' is not built into this version of epd-transfer`, 'ERR_BACKEND_UNAVAILABLE');
-      }
-      badArgument('options.device', '"host", "acl" or "cuda"', device);
-    }
+    if (device !== 'host' && device !== 'acl' && device !== 'cuda') badArgument('options.device', '"host", "acl" or "cuda"', device);
+    const deviceId = o.deviceId === undefined ? 0 : expectInteger(o.deviceId, 'options.deviceId', 0, 1024);
     const cpus = os.availableParallelism?.() ?? os.cpus().length;
     const resolved = {
       threads: o.threads === undefined ? Math.min(4, Math.max(2, cpus)) : expectInteger(o.threads, 'options.threads', 1, 64),
       chunkBytes: o.chunkBytes === undefined ? 1 << 20 : expectInteger(o.chunkBytes, 'options.chunkBytes', 4096),
       timeoutMs: o.timeoutMs === undefined ? 30_000 : expectTimeout(o.timeoutMs, 'options.timeoutMs'),
       connectTimeoutMs: o.connectTimeoutMs === undefined ? 5_000 : expectTimeout(o.connectTimeoutMs, 'options.connectTimeoutMs'),
+      device,
+      deviceId,
       link: resolveLink(o.link, 'options.link'),
+      transport: o.transport === undefined ? 'auto' : expectTransport(o.transport, 'options.transport'),
+      connections: o.connections === undefined ? DEFAULT_CONNECTIONS : expectInteger(o.connections, 'options.connections', 1, 16),
+      secret: resolveSecret(o.secret),
     };
     const name = o.name === undefined ? `${os.hostname()}-${process.pid}-${engineSeq++}` : expectString(o.name, 'options.name');
     const host = o.host === undefined ? '127.0.0.1' : expectString(o.host, 'options.host');
     const port = o.port === undefined ? 0 : expectInteger(o.port, 'options.port', 0, 65535);
+    const dataHost = o.dataHost === undefined ? host : expectString(o.dataHost, 'options.dataHost');
+    const dataPort = o.dataPort === undefined ? 0 : expectInteger(o.dataPort, 'options.dataPort', 0, 65535);
     if (o.reclaimStale !== false) native.reclaimStaleShm();
     const engine = new TransferEngine(resolved, name, null);
     if (o.listen !== false) {
       try {
-        engine.server = await ControlServer.listen({ host, port, describe: () => engine.describe(), handlers: engine.handlers });
+        if (o.tcp !== false) engine.dataAddress = engine.native.tcpListen(dataHost, dataPort);
+        engine.server = await ControlServer.listen({
+          host,
+          port,
+          describe: (session) => engine.describe(session),
+          handlers: engine.handlers,
+          secret: resolved.secret,
+          onSessionEnd: (session) => engine.endSession(session),
+        });
       } catch (err) {
         engine.native.close();
         openOnExit.delete(engine.exitRef);
@@ -375,16 +456,22 @@ export class TransferEngine {
     return engine;
   }
 
+  /** "host:port" of the tcp data listener (undefined without one). */
+  get tcpAddress(): string | undefined {
+    return this.dataAddress;
+  }
+
   /** "host:port" of the control port peers connect to (undefined with `listen: false`). */
   get address(): string | undefined {
     return this.server?.address;
   }
 
   /** What this engine can do. */
-  capabilities(): { device: string; transports: string[]; threads: number; chunkBytes: number; wireVersion: number; napiVersion: number; addon: string } {
+  capabilities(): { device: string; deviceId: number; transports: string[]; threads: number; chunkBytes: number; wireVersion: number; napiVersion: number; addon: string } {
     return {
       device: this.device.kind,
-      transports: ['shm'],
+      deviceId: this.options.deviceId,
+      transports: ['shm', 'tcp'],
       threads: this.options.threads,
       chunkBytes: this.options.chunkBytes,
       wireVersion: WIRE_VERSION,
@@ -445,7 +532,9 @@ export class TransferEngine {
     const opts = expectOptionalObject(options, 'options') as ConnectOptions;
     const timeoutMs = opts.timeoutMs === undefined ? this.options.connectTimeoutMs : expectTimeout(opts.timeoutMs, 'options.timeoutMs');
     const link = opts.link === undefined ? this.options.link : resolveLink(opts.link, 'options.link');
-    const key = `${address}|${JSON.stringify(link ?? null)}`;
+    const transport = opts.transport === undefined ? this.options.transport : expectTransport(opts.transport, 'options.transport');
+    const connections = opts.connections === undefined ? this.options.connections : expectInteger(opts.connections, 'options.connections', 1, 16);
+    const key = `${address}|${transport}|${connections}|${JSON.stringify(link ?? null)}`;
     const existing = this.peers.get(key);
     if (existing && !existing.lost) return existing;
     if (existing) {
@@ -453,26 +542,47 @@ export class TransferEngine {
       this.peers.delete(key);
       this.native.dropPeer(existing.nativeId, 'ERR_PEER_LOST', true);
     }
-    const { client, segment } = await ControlClient.connect(address, timeoutMs, { name: this.name });
-    if (this.closed || this.closing) {
-      client.close();
-      throw new TransferError('engine is closed', 'ERR_CLOSED');
-    }
-    if (segment.bootId !== this.bootId) {
-      client.close();
-      throw new TransferError(
-        `peer '${segment.name}' at ${address} is on another host; the shm transport reaches only this host`,
-        'ERR_BACKEND_UNAVAILABLE',
-      );
-    }
-    let id: number;
-    try {
-      id = this.native.addPeer(segment.name, segment.pid, segment.regions, { transport: 'shm', link });
-    } catch (err) {
+    const started = Date.now();
+    const { client, segment } = await ControlClient.connect(address, timeoutMs, { name: this.name }, this.options.secret);
+    const fail = (err: unknown): never => {
       client.close();
       throw err;
+    };
+    if (this.closed || this.closing) fail(new TransferError('engine is closed', 'ERR_CLOSED'));
+    const sameHost = segment.bootId === this.bootId;
+    const useTcp = transport === 'tcp' || (transport === 'auto' && !sameHost);
+    if (!useTcp && !sameHost) {
+      fail(new TransferError(`peer '${segment.name}' at ${address} is on another host; the shm transport reaches only this host`, 'ERR_BACKEND_UNAVAILABLE'));
     }
-    const peer = new Peer(this, id, address, segment, client);
+    if (useTcp && !segment.tcp) {
+      fail(new TransferError(`peer '${segment.name}' at ${address} has no tcp data listener`, 'ERR_BACKEND_UNAVAILABLE'));
+    }
+    let id = 0;
+    try {
+      if (useTcp) {
+        const grant = Buffer.from(segment.tcp!.grant, 'hex');
+        const { host } = parseAddress(address);
+        id = this.native.addPeer(segment.name, sameHost ? segment.pid : 0, segment.regions, {
+          transport: 'tcp',
+          link,
+          tcp: {
+            addresses: segment.tcp!.addresses.map((a) => reachable(a, host)),
+            grant,
+            key: dataKey(this.options.secret, grant),
+            connections,
+            connectTimeoutMs: Math.max(1, timeoutMs - (Date.now() - started)),
+          },
+        });
+        await this.native.connectPeer(id);
+        if (this.closed || this.closing) throw new TransferError('engine is closed', 'ERR_CLOSED');
+      } else {
+        id = this.native.addPeer(segment.name, segment.pid, segment.regions, { transport: 'shm', link });
+      }
+    } catch (err) {
+      if (id !== 0 && !this.closed) this.native.dropPeer(id, 'ERR_PEER_LOST', true);
+      fail(err);
+    }
+    const peer = new Peer(this, id, address, segment, client, useTcp ? 'tcp' : 'shm');
     this.peers.set(key, peer);
     client.onClose((err) => {
       peer._markLost(err);
@@ -555,20 +665,34 @@ export class TransferEngine {
     return region;
   }
 
-  private describe(): SegmentDescriptor {
-    return {
+  private describe(session: ControlSession): SegmentDescriptor {
+    const regions = this.closed ? [] : this.native.segment().map((r) => ({ ...r, kind: r.kind ?? 'host' }));
+    const segment: SegmentDescriptor = {
       name: this.name,
       pid: process.pid,
       bootId: this.bootId,
       hostname: os.hostname(),
-      transports: ['shm'],
-      regions: this.closed ? [] : this.native.segment().map((r) => ({ ...r, kind: r.kind ?? 'host' })),
+      transports: this.dataAddress ? ['shm', 'tcp'] : ['shm'],
+      regions,
     };
+    if (this.dataAddress && !this.closed) {
+      // Each control connection gets its own grant: its data connections may touch
+      // exactly the regions described to it, and lose them when it closes.
+      session.grant ??= randomBytes(16).toString('hex');
+      const grant = Buffer.from(session.grant, 'hex');
+      this.native.tcpGrant(grant, dataKey(this.options.secret, grant), regions.map((r) => r.id));
+      segment.tcp = { addresses: [this.dataAddress], grant: session.grant };
+    }
+    return segment;
   }
 
-  /** A batch found the peer gone (data connection lost, injected drop): the whole peer goes, so connect() replaces it. */
+  private endSession(session: ControlSession): void {
+    if (session.grant && !this.closed) this.native.tcpRevoke(Buffer.from(session.grant, 'hex'));
+  }
+
+  /** A batch found the peer gone (data connection lost or broken, injected drop): the whole peer goes, so connect() replaces it. */
   private noteLoss(peer: Peer, err: unknown): void {
-    if (!isTransferError(err, 'ERR_PEER_LOST') || peer.lost) return;
+    if (!(isTransferError(err, 'ERR_PEER_LOST') || isTransferError(err, 'ERR_PROTOCOL')) || peer.lost) return;
     peer._markLost(err);
     peer.disconnect();
   }

@@ -1,6 +1,6 @@
 /** epd-transfer: move KV-cache layers and encoder embeddings between E/P/D processes. */
 export { TransferEngine, Region, Peer, DescriptorBatch } from './engine.js';
-export type { EngineOptions, ConnectOptions, TransferOptions, TransferResult, RemoteRegion, Descriptor, EngineCounters } from './engine.js';
+export type { EngineOptions, ConnectOptions, TransportChoice, TransferOptions, TransferResult, RemoteRegion, Descriptor, EngineCounters } from './engine.js';
 export { Device, DeviceStream, DeviceEvent } from './device.js';
 export type { DeviceAllocation } from './device.js';
 export { TransferError, isTransferError } from './errors.js';
@@ -62,4 +62,19 @@ export type {
 } from './kv/index.js';
 export { PROFILES, REFERENCE_ACCELERATOR, getProfile, kvTensors, kvBytesPerToken, layerPrefillUs } from './sim/profiles.js';
 export type { ModelProfile, GqaAttention, MlaAttention, FeedForward, VisionEncoder } from './sim/profiles.js';
+export { EpdProxy, MemoryEmbeddingLocator, ProxyError, signBody as signProxyBody, SIGNATURE_HEADER as PROXY_SIGNATURE_HEADER } from './proxy/index.js';
+export type {
+  ProxyOptions,
+  ProxyTimeouts,
+  RequestTrace as ProxyRequestTrace,
+  HealthOptions as ProxyHealthOptions,
+  Role as ProxyRole,
+  InstanceInfo as ProxyInstanceInfo,
+  InstanceState as ProxyInstanceState,
+  EmbeddingLocator,
+  EmbeddingLocation,
+  EncodedReport,
+  MemoryEmbeddingLocatorOptions,
+  EstimateOptions as ProxyEstimateOptions,
+} from './proxy/index.js';
 export * from './ec/index.js';

@@ -48,6 +48,8 @@ export interface NativeEvent {
   record(stream: NativeStream): void;
   query(): boolean;
   synchronize(timeoutMs: number): Promise<void>;
+  /** The runtime's event handle (aclrtEvent / CUevent); 0n on the host device. */
+  handle(): bigint;
   destroy(): void;
 }
 
@@ -63,6 +65,15 @@ export interface NativeEngine {
   /** op 0 = write, 1 = read. Returns [batchId, promise of bytes moved]. */
   submit(op: 0 | 1, peer: number, descriptors: Float64Array, count: number): [number, Promise<number>];
   abort(batchId: number, code: string): void;
+  /** Opens the tcp data listener; returns its "host:port". */
+  tcpListen(host: string, port: number): string;
+  /** Creates or replaces a grant (16 bytes) whose connections prove `key` (32 bytes) and may touch `regions`. */
+  tcpGrant(grant: Buffer, key: Buffer, regions: number[]): void;
+  /** Removes a grant and closes its data connections. */
+  tcpRevoke(grant: Buffer): void;
+  tcpStats(): { listening: boolean; serverConnections: number; clientConnections: number };
+  /** Opens and authenticates a tcp peer's data connections (off the JS thread). */
+  connectPeer(id: number): Promise<void>;
   counters(): BigUint64Array;
   inFlight(): number;
   close(): void;
@@ -75,6 +86,28 @@ export interface NativeEngine {
   deviceIpcClose(ptr: bigint): void;
   createStream(): NativeStream;
   createEvent(): NativeEvent;
+  /** Wraps a foreign aclrtEvent / CUevent handle; the wrapper never destroys it. */
+  wrapEvent(handle: bigint): NativeEvent;
+  deviceInfo(): { kind: 'host' | 'acl' | 'cuda'; ordinal: number };
+  /** The id an exporter passes to deviceIpcAllow for this process (ACL: the bare tgid). */
+  deviceIpcProcessId(): number;
+  /** Lets process `pid` import `key` ('' = every key this device exported or will export). */
+  deviceIpcAllow(key: string, pid: number): void;
+}
+
+/** What one vendor backend found on this host (see docs/VENDOR.md). */
+export interface NativeVendorStatus {
+  available: boolean;
+  /** 'available' | 'missing-library' | 'missing-symbol' | 'stub-library' | 'no-device' | 'init-failed' | 'needs-other-backend' */
+  status: string;
+  reason?: string;
+  /** The library file that was opened (or the override that could not be). */
+  library?: string;
+  devices?: number;
+  version?: string;
+  driverVersion?: number;
+  ipc?: boolean;
+  batchSendRecv?: boolean;
 }
 
 /** Options of `new NativeEcStore(name, options)`; a capacity creates the store when it does not exist. */
@@ -143,12 +176,18 @@ export interface NativeEcInfo {
 export interface NativeBinding {
   NativeEcStore: new (name: string, options: NativeEcStoreOptions) => NativeEcStore;
   reclaimStaleEcStores(): number;
-  NativeEngine: new (options: { threads: number; chunkBytes: number }) => NativeEngine;
+  NativeEngine: new (options: { threads: number; chunkBytes: number; device?: string; deviceId?: number }) => NativeEngine;
+  /** Loads (on first use) and reports each vendor backend. */
+  vendorBackends(): { acl: NativeVendorStatus; cuda: NativeVendorStatus; hccl: NativeVendorStatus; mooncake: NativeVendorStatus };
   setErrorClass(ctor: typeof TransferError): void;
   reclaimStaleShm(): number;
   memcpyBandwidth(dst: ArrayBufferView, src: ArrayBufferView, blockBytes: number, minMillis: number): number;
   /** Arrival (µs) of each message of `sizes` bytes offered at once to an emulated link. */
   linkSchedule(spec: NativeLinkSpec, sizes: number[]): Float64Array;
+  /** HMAC-SHA256 as the data connections compute it (checked against node:crypto by the tests). */
+  hmacSha256(key: ArrayBufferView, message: ArrayBufferView): Buffer;
+  /** Raw loopback socket pump: GB/s over `connections` connections moving `blockBytes` pieces. */
+  tcpPump(connections: number, blockBytes: number, workingSetBytes: number, millis: number): number;
   wireVersion: number;
   napiVersion: number;
 }

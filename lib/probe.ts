@@ -1,13 +1,35 @@
 /**
  * What this host offers: device backends, transports, and the memcpy bandwidth
  * every transfer figure should be read against.
+ *
+ * Vendor backends (acl, cuda, hccl, mooncake) are looked up here for real: their
+ * libraries are opened with dlopen (EPD_TRANSFER_<X>_LIB overrides the file) and
+ * device runtimes initialised without creating a context. docs/VENDOR.md lists the
+ * reasons a backend reports.
  */
-import { native } from './native.js';
+import { native, type NativeVendorStatus } from './native.js';
 
 /** Whether a backend can be used here, and why not. */
 export interface BackendStatus {
   available: boolean;
   reason?: string;
+  /**
+   * Vendor backends: 'available', 'missing-library', 'missing-symbol',
+   * 'stub-library', 'no-device', 'init-failed' or 'needs-other-backend'.
+   */
+  status?: string;
+  /** Vendor backends: the library file that was loaded (or the override that failed). */
+  library?: string;
+  /** Device backends: how many devices the runtime sees. */
+  devices?: number;
+  /** acl: the CANN runtime version (aclsysGetVersionStr). */
+  version?: string;
+  /** cuda: the driver's CUDA version, e.g. 12040. */
+  driverVersion?: number;
+  /** Device backends: whether the runtime exports the IPC functions. */
+  ipc?: boolean;
+  /** hccl: whether HcclBatchSendRecv is available. */
+  batchSendRecv?: boolean;
 }
 
 export interface ProbeResult {
@@ -17,7 +39,16 @@ export interface ProbeResult {
   memcpyGbps: number;
 }
 
-const NOT_BUILT = 'not built into this version of epd-transfer yet';
+function fromNative(s: NativeVendorStatus): BackendStatus {
+  // The native object already has exactly this shape; copy it so callers own it.
+  return { ...s };
+}
+
+/** Vendor backends only (no memcpy measurement): cheap after the first call. */
+export function vendorBackends(): { acl: BackendStatus; cuda: BackendStatus; hccl: BackendStatus; mooncake: BackendStatus } {
+  const v = native.vendorBackends();
+  return { acl: fromNative(v.acl), cuda: fromNative(v.cuda), hccl: fromNative(v.hccl), mooncake: fromNative(v.mooncake) };
+}
 
 /** Single-thread memcpy bandwidth over `workingSetBytes` (default 256 MiB), GB/s. */
 export function measureMemcpyGbps(workingSetBytes = 256 << 20, blockBytes = 1 << 20, millis = 300): number {
@@ -28,17 +59,14 @@ export function measureMemcpyGbps(workingSetBytes = 256 << 20, blockBytes = 1 <<
 
 /** Probes this host. Takes about half a second (the memcpy measurement). */
 export function probe(options: { memcpyBytes?: number; millis?: number } = {}): ProbeResult {
+  const vendor = vendorBackends();
   return {
-    devices: {
-      host: { available: true },
-      acl: { available: false, reason: `Ascend ACL device backend is ${NOT_BUILT}` },
-      cuda: { available: false, reason: `CUDA device backend is ${NOT_BUILT}` },
-    },
+    devices: { host: { available: true }, acl: vendor.acl, cuda: vendor.cuda },
     transports: {
       shm: { available: true },
-      tcp: { available: false, reason: `tcp transport is ${NOT_BUILT}` },
-      mooncake: { available: false, reason: `Mooncake transport is ${NOT_BUILT}` },
-      hccl: { available: false, reason: `HCCL transport is ${NOT_BUILT}` },
+      tcp: { available: true },
+      mooncake: vendor.mooncake,
+      hccl: vendor.hccl,
     },
     memcpyGbps: measureMemcpyGbps(options.memcpyBytes, 1 << 20, options.millis),
   };

@@ -12,6 +12,8 @@
 #include <memory>
 #include <string>
 
+#include <unistd.h>
+
 #include "util/status.h"
 
 namespace epd {
@@ -27,6 +29,8 @@ class Stream {
 class Event {
  public:
   virtual ~Event() = default;
+  // The runtime's handle (aclrtEvent, CUevent) for code outside epd-transfer; 0 on host.
+  virtual uint64_t native_handle() const { return 0; }
 };
 
 class Device {
@@ -47,8 +51,9 @@ class Device {
   virtual Status CopyToDevice(DevicePtr dst, const void* src, size_t bytes) = 0;
   virtual Status CopyToHost(void* dst, DevicePtr src, size_t bytes) = 0;
   // A host pointer the CPU may use to read/write [ptr, ptr + bytes), or null when the
-  // device memory is not host-addressable (ACL/CUDA device memory).
-  virtual uint8_t* HostView(DevicePtr ptr, size_t bytes) const = 0;
+  // device memory is not host-addressable (ACL/CUDA device memory). With `keep`, also
+  // a reference that keeps the view mapped even if the memory is freed meanwhile.
+  virtual uint8_t* HostView(DevicePtr ptr, size_t bytes, std::shared_ptr<void>* keep = nullptr) const = 0;
 
   // --- streams (FIFO) ---------------------------------------------------------
   virtual Status CreateStream(std::unique_ptr<Stream>* out) = 0;
@@ -79,9 +84,38 @@ class Device {
   // Engine close: forgets every allocation and import. Work still queued keeps the
   // memory it touches; names other processes import by are removed at once.
   virtual void ReleaseAll() = 0;
+
+  // --- IPC access control --------------------------------------------------------
+  // ACL only lets a process import a key after the exporter put the importer's pid
+  // on the key's whitelist (aclrtIpcMemSetImportPid, with the pid from
+  // aclrtDeviceGetBareTgid, which differs from getpid() inside containers). The three
+  // methods above cannot express that step, hence these two; the defaults fit
+  // runtimes without a whitelist (host, CUDA).
+  //
+  // The id an exporter must pass to IpcAllow for this process.
+  virtual Status IpcProcessId(int32_t* pid) {
+    *pid = static_cast<int32_t>(getpid());
+    return Status::Ok();
+  }
+  // Lets process `pid` import `key`; with an empty key, every key this device has
+  // exported and will export.
+  virtual Status IpcAllow(const std::string& key, int32_t pid) { return Status::Ok(); }
+
+  // --- foreign handles -----------------------------------------------------------
+  // Wraps an event created outside epd-transfer (an aclrtEvent or CUevent, e.g. one a
+  // framework recorded after a layer's kernels) so it can be queried and waited on
+  // like our own. The wrapper never destroys the handle.
+  virtual Status WrapEvent(uint64_t handle, std::unique_ptr<Event>* out) {
+    return Status(Code::kBackendUnavailable, std::string("the ") + kind() + " device has no foreign event handles");
+  }
 };
 
 // The CPU implementation. Never fails to load.
 std::unique_ptr<Device> CreateHostDevice();
+
+// Vendor devices (device_acl.cc, device_cuda.cc). They load their runtime with dlopen
+// on first use and fail with ERR_BACKEND_UNAVAILABLE, saying why, where it cannot run.
+Status CreateAclDevice(int ordinal, std::unique_ptr<Device>* out);
+Status CreateCudaDevice(int ordinal, std::unique_ptr<Device>* out);
 
 }  // namespace epd

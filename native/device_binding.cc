@@ -123,12 +123,18 @@ class EventWrap : public Napi::ObjectWrap<EventWrap>, DeviceObject {
     return DefineClass(env, "NativeEvent",
                        {InstanceMethod<&EventWrap::Record>("record"), InstanceMethod<&EventWrap::Query>("query"),
                         InstanceMethod<&EventWrap::Synchronize>("synchronize"),
+                        InstanceMethod<&EventWrap::Handle>("handle"),
                         InstanceMethod<&EventWrap::Destroy>("destroy")});
   }
+  // (engine) creates an event; (engine, handle) wraps a foreign one (Device::WrapEvent).
   explicit EventWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<EventWrap>(info) {
     Bind(info);
     std::unique_ptr<Event> e;
-    Check(info.Env(), device_->CreateEvent(&e));
+    if (info.Length() > 1) {
+      Check(info.Env(), device_->WrapEvent(ArgPointer(info, 1, "event handle"), &e));
+    } else {
+      Check(info.Env(), device_->CreateEvent(&e));
+    }
     event_ = std::shared_ptr<Event>(std::move(e));
   }
   std::shared_ptr<Event> event(Napi::Env env) {
@@ -158,6 +164,10 @@ class EventWrap : public Napi::ObjectWrap<EventWrap>, DeviceObject {
     auto p = w->Promise();
     w->Queue();
     return p;
+  }
+  Napi::Value Handle(const Napi::CallbackInfo& info) {
+    auto e = event(info.Env());
+    return Napi::BigInt::New(info.Env(), e->native_handle());
   }
   Napi::Value Destroy(const Napi::CallbackInfo& info) {
     event_.reset();

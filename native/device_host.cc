@@ -96,9 +96,12 @@ class HostDevice final : public Device {
     return Status::Ok();
   }
 
-  uint8_t* HostView(DevicePtr ptr, size_t bytes) const override {
+  uint8_t* HostView(DevicePtr ptr, size_t bytes, std::shared_ptr<void>* keep) const override {
     std::lock_guard<std::mutex> lock(mu_);
-    return Find(ptr, bytes, nullptr).ok() ? Ptr(ptr) : nullptr;
+    std::shared_ptr<ShmMapping> m;
+    if (!Find(ptr, bytes, &m).ok()) return nullptr;
+    if (keep != nullptr) *keep = std::move(m);
+    return Ptr(ptr);
   }
 
   Status CreateStream(std::unique_ptr<Stream>* out) override {

@@ -32,11 +32,12 @@ int OpenPidfd(int pid) {
 Engine::Engine(const EngineOptions& options, std::function<void()> notify)
     : options_(options),
       notify_(std::move(notify)),
-      device_(CreateHostDevice()),
+      device_(options.device ? options.device : std::shared_ptr<Device>(CreateHostDevice())),
       regions_(device_.get()),
       pool_(std::make_unique<WorkQueue>(options.threads)),
       shm_(CreateShmTransport(pool_.get(), device_.get(), options.chunk_bytes,
-                              [this](std::shared_ptr<Batch> b) { OnTransportDone(std::move(b)); })) {}
+                              [this](std::shared_ptr<Batch> b) { OnTransportDone(std::move(b)); })),
+      tcp_(CreateTcpTransport([this](std::shared_ptr<Batch> b) { OnTransportDone(std::move(b)); })) {}
 
 Engine::~Engine() { Shutdown(); }
 
@@ -46,6 +47,8 @@ Status Engine::AddPeer(const std::string& name, int pid, const std::vector<Remot
   Transport* base = nullptr;
   if (config.transport == "shm") {
     base = shm_.get();
+  } else if (config.transport == "tcp") {
+    base = tcp_.get();
   } else {
     return Status(Code::kBackendUnavailable, "transport '" + config.transport + "' is not built into this engine");
   }
@@ -118,10 +121,20 @@ void Engine::DropPeer(uint32_t id, Code code, bool remove) {
   std::shared_ptr<Peer> peer = it->second;
   int expected = 0;
   peer->lost.compare_exchange_strong(expected, static_cast<int>(code));
+  bool busy = false;
   for (auto& [bid, b] : in_flight_) {
-    if (b->peer == peer) StopBatch(b, code);
+    if (b->peer == peer) {
+      StopBatch(b, code);
+      busy = true;
+    }
   }
   peer->transport->RemovePeer(peer.get());
+  // A lost peer kept in the table (to answer ERR_PEER_LOST) need not keep its pidfd;
+  // only batches in flight poll it, so it can close now if there are none.
+  if (!busy && peer->pidfd >= 0) {
+    close(peer->pidfd);
+    peer->pidfd = -1;
+  }
   if (remove) peers_.erase(it);
 }
 
@@ -299,6 +312,7 @@ void Engine::Shutdown() {
   // and join whatever is still moving.
   if (link_timer_) link_timer_->Shutdown();
   for (auto& [id, peer] : peers_) peer->transport->RemovePeer(peer.get());
+  tcp_->Shutdown();
   pool_->Shutdown();  // runs what is queued; stopped tasks return at once
   for (auto& [id, peer] : peers_) {
     for (auto& [rid, r] : peer->regions) peer->transport->Detach(&r);

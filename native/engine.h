@@ -16,6 +16,7 @@
 #include "link.h"
 #include "region.h"
 #include "transport.h"
+#include "transport_tcp.h"
 #include "util/status.h"
 #include "util/work_queue.h"
 
@@ -44,6 +45,8 @@ struct Counters {
 struct EngineOptions {
   size_t threads = 2;
   size_t chunk_bytes = 1 << 20;
+  // The engine's device; null means the host device.
+  std::shared_ptr<Device> device;
 };
 
 // Descriptor layout in the Float64Array a batch arrives as.
@@ -72,6 +75,9 @@ class Engine {
   RegionTable& regions() { return regions_; }
   std::shared_ptr<Counters> counters() { return counters_; }
   const EngineOptions& options() const { return options_; }
+  TcpTransport* tcp() { return tcp_.get(); }
+  // Region `id` is being freed: peers can no longer reach it over tcp.
+  void RegionFreeing(uint32_t id) { tcp_->Unexpose(id); }
 
   Status AddPeer(const std::string& name, int pid, const std::vector<RemoteRegionSpec>& specs,
                  const PeerConfig& config, uint32_t* id);
@@ -114,6 +120,7 @@ class Engine {
   RegionTable regions_;
   std::unique_ptr<WorkQueue> pool_;
   std::unique_ptr<Transport> shm_;
+  std::unique_ptr<TcpTransport> tcp_;
   std::unique_ptr<LinkTimer> link_timer_;  // started with the first emulated link
   std::shared_ptr<Counters> counters_ = std::make_shared<Counters>();
 

@@ -1,5 +1,7 @@
 #include "engine_binding.h"
 
+#include <unistd.h>
+
 #include "link_binding.h"
 #include "util/napi_util.h"
 
@@ -45,6 +47,39 @@ std::vector<RemoteRegionSpec> ParseSpecs(Napi::Env env, Napi::Value v) {
   return specs;
 }
 
+// options.device: "host" (default) | "acl" | "cuda"; options.deviceId: the ordinal.
+std::shared_ptr<Device> CreateDevice(Napi::Env env, Napi::Object o) {
+  std::string kind = "host";
+  int ordinal = 0;
+  if (!o.IsEmpty()) {
+    Napi::Value k = o.Get("device");
+    if (!k.IsUndefined()) {
+      if (!k.IsString()) Throw(env, Code::kBadArgument, "Expected \"host\", \"acl\" or \"cuda\" for device");
+      kind = k.As<Napi::String>().Utf8Value();
+    }
+    Napi::Value id = o.Get("deviceId");
+    if (!id.IsUndefined()) {
+      double d = id.IsNumber() ? id.As<Napi::Number>().DoubleValue() : -1;
+      if (!(d >= 0 && d <= 1024) || static_cast<double>(static_cast<int>(d)) != d) {
+        Throw(env, Code::kBadArgument, "Expected an integer in [0, 1024] for deviceId");
+      }
+      ordinal = static_cast<int>(d);
+    }
+  }
+  std::unique_ptr<Device> device;
+  if (kind == "host") {
+    if (ordinal != 0) Throw(env, Code::kBadArgument, "the host device has only deviceId 0");
+    device = CreateHostDevice();
+  } else if (kind == "acl") {
+    Check(env, CreateAclDevice(ordinal, &device));
+  } else if (kind == "cuda") {
+    Check(env, CreateCudaDevice(ordinal, &device));
+  } else {
+    Throw(env, Code::kBadArgument, "Expected \"host\", \"acl\" or \"cuda\" for device but received \"" + kind + "\"");
+  }
+  return std::shared_ptr<Device>(std::move(device));
+}
+
 // addPeer's options: { transport, link, tcp } (lib/engine.ts builds them).
 PeerConfig ParsePeerConfig(Napi::Env env, Napi::Value v) {
   PeerConfig config;
@@ -80,6 +115,73 @@ PeerConfig ParsePeerConfig(Napi::Env env, Napi::Value v) {
   return config;
 }
 
+// Dials a tcp peer's data connections on a libuv worker, then hands them to the
+// engine on the JS thread. The worker touches only its own copy of the spec, so the
+// engine may close meanwhile: the sockets are then closed instead.
+class DialWorker : public Napi::AsyncWorker {
+ public:
+  DialWorker(Napi::Env env, EngineWrap* wrap, std::shared_ptr<std::atomic<bool>> closed, std::shared_ptr<Peer> peer,
+             Napi::Object self)
+      : Napi::AsyncWorker(env, "epd-transfer:dial"),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        wrap_(wrap),
+        closed_(std::move(closed)),
+        peer_(std::move(peer)),
+        spec_(peer_->tcp) {
+    self_ = Napi::Persistent(self);  // keeps the EngineWrap alive until OnOK/OnError
+  }
+  Napi::Promise Promise() { return deferred_.Promise(); }
+
+  void Execute() override { status_ = DialTcpPeer(spec_, &fds_); }
+
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (!status_.ok()) {
+      deferred_.Reject(MakeError(env, status_));
+      return;
+    }
+    if (closed_->load()) {
+      for (int fd : fds_) close(fd);
+      deferred_.Reject(MakeError(env, Code::kClosed, "engine closed while connecting"));
+      return;
+    }
+    Status st = wrap_->engine(env)->tcp()->Install(peer_, std::move(fds_));
+    if (st.ok()) deferred_.Resolve(env.Undefined());
+    else deferred_.Reject(MakeError(env, st));
+  }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  EngineWrap* wrap_;
+  std::shared_ptr<std::atomic<bool>> closed_;
+  std::shared_ptr<Peer> peer_;
+  TcpPeerSpec spec_;
+  Napi::ObjectReference self_;
+  Status status_;
+  std::vector<int> fds_;
+};
+
+std::vector<uint32_t> ParseIds(Napi::Env env, Napi::Value v) {
+  if (!v.IsArray()) Throw(env, Code::kBadArgument, "Expected an array of region ids");
+  auto a = v.As<Napi::Array>();
+  std::vector<uint32_t> ids;
+  for (uint32_t i = 0; i < a.Length(); ++i) {
+    Napi::Value e = a.Get(i);
+    if (!e.IsNumber()) Throw(env, Code::kBadArgument, "Expected numeric region ids");
+    ids.push_back(e.As<Napi::Number>().Uint32Value());
+  }
+  return ids;
+}
+
+std::string BytesArg(const Napi::CallbackInfo& info, size_t i, size_t expect, const char* name) {
+  uint8_t* data = nullptr;
+  size_t length = 0;
+  if (info.Length() <= i || !BytesOf(info[i], &data, &length) || length != expect) {
+    Throw(info.Env(), Code::kBadArgument, std::string("Expected ") + std::to_string(expect) + " bytes for " + name);
+  }
+  return std::string(reinterpret_cast<char*>(data), length);
+}
+
 void CleanupHook(void* arg) {
   // The environment is going away (process exit or worker termination) without
   // close(): stop the worker threads before it does.
@@ -113,6 +215,15 @@ Napi::Function EngineWrap::Define(Napi::Env env) {
                          InstanceMethod<&EngineWrap::DeviceIpcClose>("deviceIpcClose"),
                          InstanceMethod<&EngineWrap::CreateStream>("createStream"),
                          InstanceMethod<&EngineWrap::CreateEvent>("createEvent"),
+                         InstanceMethod<&EngineWrap::WrapEvent>("wrapEvent"),
+                         InstanceMethod<&EngineWrap::DeviceInfo>("deviceInfo"),
+                         InstanceMethod<&EngineWrap::DeviceIpcProcessId>("deviceIpcProcessId"),
+                         InstanceMethod<&EngineWrap::DeviceIpcAllow>("deviceIpcAllow"),
+                         InstanceMethod<&EngineWrap::TcpListen>("tcpListen"),
+                         InstanceMethod<&EngineWrap::TcpGrant>("tcpGrant"),
+                         InstanceMethod<&EngineWrap::TcpRevoke>("tcpRevoke"),
+                         InstanceMethod<&EngineWrap::TcpStats>("tcpStats"),
+                         InstanceMethod<&EngineWrap::ConnectPeer>("connectPeer"),
                      });
 }
 
@@ -128,6 +239,7 @@ EngineWrap::EngineWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Engine
   }
   if (options.threads < 1 || options.threads > 64) Throw(env, Code::kBadArgument, "threads must be in 1..64");
   if (options.chunk_bytes < 4096) Throw(env, Code::kBadArgument, "chunkBytes must be at least 4096");
+  options.device = CreateDevice(env, info.Length() > 0 && info[0].IsObject() ? info[0].As<Napi::Object>() : Napi::Object());
 
   channel_ = new Channel{this};
   tsfn_ = Tsfn::New(env, "epd-transfer:completions", 0, 1, channel_,
@@ -255,6 +367,7 @@ Napi::Value EngineWrap::Free(const Napi::CallbackInfo& info) {
   auto deferred = Napi::Promise::Deferred::New(env);
   if (fail_in_flight) e->AbortTouching(r->id, Code::kRegionFreed);
   uint32_t rid = r->id;
+  e->RegionFreeing(rid);
   if (e->regions().MarkFreeing(rid)) {
     deferred.Resolve(env.Undefined());
   } else {
@@ -464,6 +577,110 @@ Napi::Value EngineWrap::CreateStream(const Napi::CallbackInfo& info) {
 Napi::Value EngineWrap::CreateEvent(const Napi::CallbackInfo& info) {
   engine(info.Env());
   return State(info.Env())->event_class.New({Value()});
+}
+
+Napi::Value EngineWrap::WrapEvent(const Napi::CallbackInfo& info) {
+  engine(info.Env());
+  ArgPointer(info, 0, "event handle");
+  return State(info.Env())->event_class.New({Value(), info[0]});
+}
+
+Napi::Value EngineWrap::DeviceInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto out = Napi::Object::New(env);
+  out.Set("kind", Napi::String::New(env, device_->kind()));
+  out.Set("ordinal", Napi::Number::New(env, device_->ordinal()));
+  return out;
+}
+
+Napi::Value EngineWrap::DeviceIpcProcessId(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  engine(env);
+  int32_t pid = 0;
+  Check(env, device_->IpcProcessId(&pid));
+  return Napi::Number::New(env, pid);
+}
+
+Napi::Value EngineWrap::DeviceIpcAllow(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  engine(env);
+  if (info.Length() < 2 || !info[0].IsString()) Throw(env, Code::kBadArgument, "deviceIpcAllow(key, pid)");
+  uint64_t pid = ArgIndex(info, 1, "pid");
+  if (pid == 0 || pid > 0x7fffffff) Throw(env, Code::kBadArgument, "Expected a positive process id for pid");
+  Check(env, device_->IpcAllow(info[0].As<Napi::String>().Utf8Value(), static_cast<int32_t>(pid)));
+  return env.Undefined();
+}
+
+}  // namespace epd
+
+namespace epd {
+
+Napi::Value EngineWrap::TcpListen(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Engine* e = engine(env);
+  if (info.Length() < 2 || !info[0].IsString()) Throw(env, Code::kBadArgument, "tcpListen(host, port)");
+  uint64_t port = ArgIndex(info, 1, "port");
+  if (port > 65535) Throw(env, Code::kBadArgument, "Expected a port in [0, 65535]");
+  std::string address;
+  Check(env, e->tcp()->Listen(info[0].As<Napi::String>().Utf8Value(), static_cast<int>(port), &address));
+  return Napi::String::New(env, address);
+}
+
+Napi::Value EngineWrap::TcpGrant(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Engine* e = engine(env);
+  std::string grant = BytesArg(info, 0, 16, "grant");
+  std::string key = BytesArg(info, 1, 32, "key");
+  std::vector<ExposedRegion> regions;
+  for (uint32_t id : ParseIds(env, info.Length() > 2 ? info[2] : env.Undefined())) {
+    Region* r = e->regions().Find(id);
+    // Host regions only: their bytes stay mapped (the mapping is shared) while a
+    // frame uses them, even if the region is freed meanwhile.
+    if (r == nullptr || r->freeing || !r->mapping || r->ptr == nullptr) continue;
+    regions.push_back(ExposedRegion{r->id, r->ptr, r->length, r->mapping});
+  }
+  e->tcp()->Grant(grant, key, std::move(regions));
+  return env.Undefined();
+}
+
+Napi::Value EngineWrap::TcpRevoke(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (closed_->load()) return env.Undefined();
+  engine_->tcp()->Revoke(BytesArg(info, 0, 16, "grant"));
+  return env.Undefined();
+}
+
+Napi::Value EngineWrap::TcpStats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto out = Napi::Object::New(env);
+  std::vector<uint64_t> s = closed_->load() ? std::vector<uint64_t>{0, 0, 0} : engine_->tcp()->Stats();
+  out.Set("listening", Napi::Boolean::New(env, s[0] != 0));
+  out.Set("serverConnections", Napi::Number::New(env, static_cast<double>(s[1])));
+  out.Set("clientConnections", Napi::Number::New(env, static_cast<double>(s[2])));
+  return out;
+}
+
+Napi::Value EngineWrap::ConnectPeer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Engine* e = engine(env);
+  uint64_t id = ArgIndex(info, 0, "peer id");
+  std::shared_ptr<Peer> peer = e->FindPeer(static_cast<uint32_t>(id));
+  if (!peer) Throw(env, Code::kUnknownPeer, "unknown peer " + std::to_string(id));
+  auto* worker = new DialWorker(env, this, closed_, peer, Value());
+  Napi::Promise promise = worker->Promise();
+  worker->Queue();
+  return promise;
+}
+
+Napi::Value HmacSha256Js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint8_t *k = nullptr, *m = nullptr;
+  size_t kl = 0, ml = 0;
+  if (info.Length() < 2 || !BytesOf(info[0], &k, &kl) || !BytesOf(info[1], &m, &ml)) {
+    Throw(env, Code::kBadArgument, "hmacSha256(key, message) takes two byte arrays");
+  }
+  std::string mac = TcpHmac(std::string(reinterpret_cast<char*>(k), kl), std::string(reinterpret_cast<char*>(m), ml));
+  return Napi::Buffer<uint8_t>::Copy(env, reinterpret_cast<const uint8_t*>(mac.data()), mac.size());
 }
 
 }  // namespace epd

@@ -55,6 +55,15 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
   Napi::Value DeviceIpcClose(const Napi::CallbackInfo& info);
   Napi::Value CreateStream(const Napi::CallbackInfo& info);
   Napi::Value CreateEvent(const Napi::CallbackInfo& info);
+  Napi::Value WrapEvent(const Napi::CallbackInfo& info);
+  Napi::Value DeviceInfo(const Napi::CallbackInfo& info);
+  Napi::Value DeviceIpcProcessId(const Napi::CallbackInfo& info);
+  Napi::Value DeviceIpcAllow(const Napi::CallbackInfo& info);
+  Napi::Value TcpListen(const Napi::CallbackInfo& info);
+  Napi::Value TcpGrant(const Napi::CallbackInfo& info);
+  Napi::Value TcpRevoke(const Napi::CallbackInfo& info);
+  Napi::Value TcpStats(const Napi::CallbackInfo& info);
+  Napi::Value ConnectPeer(const Napi::CallbackInfo& info);
 
   void Shutdown(Napi::Env env);
   void UpdateLoopRef(Napi::Env env);

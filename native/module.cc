@@ -10,6 +10,9 @@
 namespace epd {
 
 Napi::Value MemcpyBandwidth(const Napi::CallbackInfo& info);
+Napi::Value VendorBackends(const Napi::CallbackInfo& info);
+Napi::Value HmacSha256Js(const Napi::CallbackInfo& info);
+Napi::Value TcpPump(const Napi::CallbackInfo& info);
 
 namespace {
 
@@ -45,7 +48,10 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeEcStore", DefineEcStore(env));
   exports.Set("reclaimStaleEcStores", Napi::Function::New<ReclaimStaleEcStores>(env, "reclaimStaleEcStores"));
   exports.Set("memcpyBandwidth", Napi::Function::New<MemcpyBandwidth>(env, "memcpyBandwidth"));
+  exports.Set("hmacSha256", Napi::Function::New<HmacSha256Js>(env, "hmacSha256"));
+  exports.Set("tcpPump", Napi::Function::New<TcpPump>(env, "tcpPump"));
   exports.Set("linkSchedule", Napi::Function::New<LinkSchedule>(env, "linkSchedule"));
+  exports.Set("vendorBackends", Napi::Function::New<VendorBackends>(env, "vendorBackends"));
   exports.Set("wireVersion", Napi::Number::New(env, EPD_TRANSFER_WIRE_VERSION));
   exports.Set("napiVersion", Napi::Number::New(env, NAPI_VERSION));
   return exports;

@@ -41,7 +41,7 @@ Status RegionTable::AddDevice(DevicePtr ptr, size_t bytes, Region** out) {
   auto r = std::make_unique<Region>();
   r->kind = RegionKind::kDevice;
   r->device_ptr = ptr;
-  r->ptr = device_->HostView(ptr, bytes);
+  r->ptr = device_->HostView(ptr, bytes, &r->device_memory);
   r->length = bytes;
   std::string key;
   if (device_->IpcExport(ptr, bytes, &key).ok()) r->ipc_key = key;

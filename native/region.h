@@ -35,6 +35,9 @@ struct Region {
   RegionKind kind = RegionKind::kHost;
   uint8_t* ptr = nullptr;    // CPU address of the bytes (null if not host-addressable)
   DevicePtr device_ptr = 0;  // kDevice: the caller's device address
+  // kDevice with a host view: keeps `ptr` mapped while the region exists, so a
+  // device.free() of the memory under a registered region cannot fault a transfer.
+  std::shared_ptr<void> device_memory;
   size_t length = 0;
   std::shared_ptr<ShmMapping> mapping;  // kHost: the shared-memory object
   std::string ipc_key;                  // kDevice: how another process imports it

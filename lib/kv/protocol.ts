@@ -6,7 +6,9 @@
  *
  *   kv.hello   P → D  sender id, session, local geometry   ← D's layout and the credit window
  *   kv.layer   P → D  one written batch of one layer        ← credit returned, per-request refusals
+ *                      (a request's last batch carries its DONE, answered in the same reply)
  *   kv.done    P → D  a request's last layer is in          ← accepted (idempotent) or the failure
+ *                      (alone: when the last batch was empty, or its reply was lost)
  *   kv.failed  P → D  a request failed on prefill           ← acknowledged (idempotent)
  */
 import { TransferError, type ErrorCode } from '../errors.js';
@@ -45,6 +47,8 @@ export interface LayerEntry {
   final: boolean;
   /** CRC-32 of the chunk's blocks of this layer (on `last` entries, when integrity is on). */
   crc?: number;
+  /** On the request's very last write: its DONE (see {@link DoneBody}), answered in the reply's `done`. */
+  done?: { end: number; chunks: number };
 }
 
 export interface LayerBody {
@@ -69,6 +73,8 @@ export interface LayerReply {
   credit: number;
   /** Requests decode will not accept more of; the sender fails them. */
   refused: Refusal[];
+  /** Answers to DONEs that rode on entries of this notice. */
+  done?: Array<{ id: string } & OutcomeReply>;
 }
 
 export interface DoneBody {

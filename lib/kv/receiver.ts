@@ -355,6 +355,7 @@ export class LayerwiseReceiver extends EventEmitter {
     info.lastSeq = seq;
     this.counts.bytes += bytes;
     const refused: Refusal[] = [];
+    const done: Array<{ id: string } & OutcomeReply> = [];
     for (const rawEntry of b.entries as unknown[]) {
       const e = expectObject(rawEntry, 'entry');
       const id = expectString(e.id, 'entry.id');
@@ -362,12 +363,17 @@ export class LayerwiseReceiver extends EventEmitter {
       const outcome = this.refusalFor(id, req);
       if (outcome) {
         refused.push(outcome);
+        if (e.done !== undefined) done.push({ id, ...this.doneAfterSettled(id, req) });
         continue;
       }
       this.onEntry(req!, sender, info, layer, e);
+      if (!req!.failure && e.done !== undefined) {
+        const d = expectObject(e.done, 'entry.done');
+        done.push({ id, ...this.acceptDone(req!, sender, info, expectInteger(d.end, 'done.end'), expectInteger(d.chunks, 'done.chunks')) });
+      }
       if (req!.failure) refused.push({ id, code: req!.failure.code, message: req!.failure.message });
     }
-    return { credit: bytes, refused };
+    return done.length > 0 ? { credit: bytes, refused, done } : { credit: bytes, refused };
   }
 
   private onEntry(req: RequestState, sender: string, info: SenderInfo, layer: number, e: Record<string, unknown>): void {
@@ -424,12 +430,23 @@ export class LayerwiseReceiver extends EventEmitter {
     const end = expectInteger(b.end, 'done.end');
     const chunks = expectInteger(b.chunks, 'done.chunks');
     const req = this.requests.get(id);
-    if (!req || req.status !== 'pending') {
-      const f = req ?? this.finished.get(id);
-      if (f?.status === 'complete') return { ok: true, complete: true, duplicate: true };
-      const refusal = this.refusalFor(id, req)!;
-      return { ok: false, code: refusal.code, message: refusal.message };
+    if (!req || req.status !== 'pending') return this.doneAfterSettled(id, req);
+    return this.acceptDone(req, sender, info, end, chunks);
+  }
+
+  /** The answer to a DONE for a request that is no longer pending (or was never expected). */
+  private doneAfterSettled(id: string, req: RequestState | undefined): OutcomeReply {
+    const f = req ?? this.finished.get(id);
+    if (f?.status === 'complete') {
+      this.counts.duplicates++;
+      return { ok: true, complete: true, duplicate: true };
     }
+    const refusal = this.refusalFor(id, req)!;
+    return { ok: false, code: refusal.code, message: refusal.message };
+  }
+
+  /** Counts a sender's DONE once every layer of its part is in; a DONE that comes early fails the request. */
+  private acceptDone(req: RequestState, sender: string, info: SenderInfo, end: number, chunks: number): OutcomeReply {
     if (req.done.has(sender)) {
       this.counts.duplicates++;
       return { ok: true, complete: false, duplicate: true };

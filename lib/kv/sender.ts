@@ -670,14 +670,26 @@ export class LayerwiseSender {
     for (let i = 0; i < owners.length; i++) {
       live[owners[i]].req.bytes += batch.data[i * DESCRIPTOR_STRIDE + 4];
     }
+    // The request's last write of its final chunk carries DONE with it: one round trip less
+    // after the last layer. (Decode handles the notices of a sender in order, so every earlier
+    // layer is in before it looks at this DONE.)
+    const withDone = new Set<RequestState>();
     body.forEach((e, i) => {
-      if (e.last) live[ownerSet[i]].req.chunks++;
+      const req = live[ownerSet[i]].req;
+      if (!e.last) return;
+      req.chunks++;
+      if (e.final && layer === this.layout.numLayers - 1) {
+        req.finalWritten = true;
+        req.doneSent = true;
+        e.done = { end: req.endBlock, chunks: req.chunks };
+        withDone.add(req);
+      }
     });
     for (const r of reqs) r.pendingAcks++;
     const notice: LayerBody = { sender: this.senderId, session: this.session, seq, layer, bytes, entries: body };
     request(ps.peer!, TOPIC_LAYER, notice, this.ackTimeoutMs).then(
       (raw) => {
-        const reply = (raw ?? {}) as { credit?: unknown; refused?: unknown };
+        const reply = (raw ?? {}) as { credit?: unknown; refused?: unknown; done?: unknown };
         const granted = typeof reply.credit === 'number' && reply.credit >= 0 ? Math.min(reply.credit, bytes) : bytes;
         credit.release(granted);
         this.trace?.record({ phase: 'acked', layer, requests: ids, peer: ps.key, bytes, seq });
@@ -687,6 +699,12 @@ export class LayerwiseSender {
             if (req) this.fail(req, new TransferError(`decode refused layer ${layer}: ${String(x.message ?? 'refused')}`, remoteCode(x.code)));
           }
         }
+        const outcomes = Array.isArray(reply.done) ? (reply.done as Array<{ id?: unknown }>) : [];
+        for (const req of withDone) {
+          const outcome = outcomes.find((o) => o.id === req.id);
+          if (outcome) this.doneOutcome(req, outcome);
+          else if (!req.failure) void this.sendDone(req); // not answered with the notice: ask on its own
+        }
         this.acked(reqs);
       },
       (err: unknown) => {
@@ -694,7 +712,11 @@ export class LayerwiseSender {
         const { code, message } = describeError(err);
         const e = new TransferError(`layer ${layer} acknowledgement from ${ps.key} failed: ${message}`, code, { cause: err });
         if (code === 'ERR_PEER_LOST' || code === 'ERR_CLOSED') this.breakPeer(ps, e);
-        for (const r of reqs) this.fail(r, e);
+        for (const r of reqs) {
+          // A DONE that rode on a notice that timed out is retried on its own (decode ignores repeats).
+          if (withDone.has(r) && code === 'ERR_TIMEOUT') void this.sendDone(r);
+          else this.fail(r, e);
+        }
         this.acked(reqs);
       },
     );
@@ -764,12 +786,18 @@ export class LayerwiseSender {
       this.fail(req, new TransferError(`DONE to ${ps.key} failed: ${message}`, code, { cause: reply }));
       return;
     }
+    this.doneOutcome(req, reply);
+  }
+
+  /** Applies decode's answer to a DONE: the request completes, or fails with decode's reason. */
+  private doneOutcome(req: RequestState, reply: unknown): void {
+    if (req.failure || req.finished) return;
     const r = (reply ?? {}) as OutcomeReply;
     if (r.ok === true) {
       req.finished = true;
       this.counts.done++;
-      this.trace?.record({ phase: 'done', requests: [req.id], peer: ps.key, bytes: req.bytes });
-      req.resolveResult({ requestId: req.id, bytes: req.bytes, chunks: req.chunks, peer: ps.key });
+      this.trace?.record({ phase: 'done', requests: [req.id], peer: req.ps.key, bytes: req.bytes });
+      req.resolveResult({ requestId: req.id, bytes: req.bytes, chunks: req.chunks, peer: req.ps.key });
       this.forget(req);
     } else {
       const code = remoteCode((r as { code?: unknown }).code);

@@ -4,14 +4,52 @@
  * stays open: its close is how an engine learns that a peer went away, and the
  * same connection serves refreshes (GET_SEGMENT).
  */
+import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import net from 'node:net';
 import { TransferError, type ErrorCode } from '../errors.js';
-import { encodeFrame, FrameDecoder, MessageType, WIRE_VERSION, type Frame, type SegmentDescriptor } from './wire.js';
+import { encodeFrame, FrameDecoder, MAX_BODY, MessageType, WIRE_VERSION, type Frame, type SegmentDescriptor } from './wire.js';
 
 /** Who sent a control request. */
 export interface RequestContext {
   /** The peer's engine name, from its HELLO. */
   peer: string;
+}
+
+/** One accepted, authenticated control connection; the engine hangs per-peer state (a tcp grant) on it. */
+export interface ControlSession {
+  /** The peer's engine name, from its HELLO. */
+  peer: string;
+  /** The tcp grant the engine gave this connection (hex), if any. */
+  grant?: string;
+}
+
+const CLIENT_LABEL = 'epd-transfer control client v2';
+const SERVER_LABEL = 'epd-transfer control server v2';
+/** How long an accepted connection may take to say HELLO and authenticate. */
+const HANDSHAKE_MS = 10_000;
+
+/** HMAC-SHA256 proof over a label and two nonces (docs/WIRE.md, "Authentication"). */
+export function controlProof(secret: Buffer, side: 'client' | 'server', first: Buffer, second: Buffer): Buffer {
+  return createHmac('sha256', secret)
+    .update(side === 'client' ? CLIENT_LABEL : SERVER_LABEL)
+    .update(first)
+    .update(second)
+    .digest();
+}
+
+/** The key a tcp grant's data connections prove: HMAC-SHA256(secret, label || grant). */
+export function dataKey(secret: Buffer | undefined, grant: Buffer): Buffer {
+  return createHmac('sha256', secret ?? Buffer.alloc(0)).update('epd-transfer data key v2').update(grant).digest();
+}
+
+function decodeNonce(value: unknown): Buffer | null {
+  if (typeof value !== 'string') return null;
+  const b = Buffer.from(value, 'base64');
+  return b.length === 32 ? b : null;
+}
+
+function sameBytes(a: Buffer, b: Buffer | null): boolean {
+  return b !== null && a.length === b.length && timingSafeEqual(a, b);
 }
 
 /** Answers one control-request topic. Throwing a TransferError sends its code back. */
@@ -20,10 +58,14 @@ export type RequestHandler = (body: unknown, context: RequestContext) => unknown
 export interface ControlServerOptions {
   host: string;
   port: number;
-  /** Builds the current descriptor at request time. */
-  describe(): SegmentDescriptor;
+  /** Builds the current descriptor for one connection at request time. */
+  describe(session: ControlSession): SegmentDescriptor;
   /** Handlers of control requests by topic. */
   handlers?: Map<string, RequestHandler>;
+  /** Shared secret: peers must prove it (HMAC challenge-response) before they learn anything. */
+  secret?: Buffer;
+  /** A connection that was served a descriptor has closed. */
+  onSessionEnd?(session: ControlSession): void;
 }
 
 /** Serves this engine's segment descriptor on host:port. */
@@ -73,11 +115,25 @@ export class ControlServer {
     socket.unref();
     socket.setNoDelay(true);
     const decoder = new FrameDecoder();
-    let greeted = false;
-    let peerName = '';
+    const secret = this.options.secret;
+    // hello: waiting for HELLO; challenged: sent CHALLENGE, waiting for AUTH; ready: authenticated.
+    let state: 'hello' | 'challenged' | 'ready' = 'hello';
+    let clientNonce: Buffer | null = null;
+    let serverNonce: Buffer | null = null;
+    let session: ControlSession | null = null;
+    // A connection that never authenticates must not hold a socket forever.
+    const deadline = setTimeout(() => fail('ERR_TIMEOUT', `handshake did not complete within ${HANDSHAKE_MS} ms`), HANDSHAKE_MS);
+    deadline.unref();
     const fail = (code: string, message: string) => {
+      clearTimeout(deadline);
       socket.end(encodeFrame(MessageType.Error, { code, message }));
       socket.destroySoon();
+    };
+    const ready = (peer: string) => {
+      clearTimeout(deadline);
+      state = 'ready';
+      session = { peer };
+      socket.write(encodeFrame(MessageType.Segment, this.options.describe(session)));
     };
     socket.on('data', (chunk: Buffer) => {
       let frames: Frame[];
@@ -92,23 +148,51 @@ export class ControlServer {
           fail('ERR_PROTOCOL_VERSION', `peer speaks wire version ${f.version}; this engine speaks ${WIRE_VERSION}`);
           return;
         }
-        if (f.type === MessageType.Hello) {
-          greeted = true;
-          const hello = (f.body ?? {}) as { name?: unknown };
-          peerName = typeof hello.name === 'string' ? hello.name : '';
-          socket.write(encodeFrame(MessageType.Segment, this.options.describe()));
-        } else if (f.type === MessageType.GetSegment && greeted) {
-          socket.write(encodeFrame(MessageType.Segment, this.options.describe()));
-        } else if (f.type === MessageType.Request && greeted) {
-          this.answer(socket, f.body, peerName);
+        const body = (f.body ?? {}) as Record<string, unknown>;
+        if (f.type === MessageType.Hello && state === 'hello') {
+          const name = typeof body.name === 'string' ? body.name : '';
+          if (!secret) {
+            ready(name);
+            continue;
+          }
+          clientNonce = decodeNonce(body.nonce);
+          if (!clientNonce) {
+            fail('ERR_AUTH', 'this engine requires a shared secret and the peer sent no nonce');
+            return;
+          }
+          serverNonce = randomBytes(32);
+          state = 'challenged';
+          socket.write(
+            encodeFrame(MessageType.Challenge, {
+              nonce: serverNonce.toString('base64'),
+              proof: controlProof(secret, 'server', clientNonce, serverNonce).toString('base64'),
+            }),
+          );
+          session = { peer: name };
+        } else if (f.type === MessageType.Auth && state === 'challenged' && secret && clientNonce && serverNonce) {
+          const expected = controlProof(secret, 'client', serverNonce, clientNonce);
+          if (!sameBytes(expected, decodeNonce(body.proof))) {
+            fail('ERR_AUTH', 'the peer did not prove the shared secret');
+            return;
+          }
+          ready(session!.peer);
+        } else if (f.type === MessageType.GetSegment && state === 'ready') {
+          socket.write(encodeFrame(MessageType.Segment, this.options.describe(session!)));
+        } else if (f.type === MessageType.Request && state === 'ready') {
+          this.answer(socket, f.body, session!.peer);
         } else {
+          // Out of order (a request before HELLO, or instead of AUTH): nothing is described either way.
           fail('ERR_PROTOCOL', `unexpected control message type ${f.type}`);
           return;
         }
       }
     });
     socket.on('error', () => socket.destroy());
-    socket.on('close', () => this.sockets.delete(socket));
+    socket.on('close', () => {
+      clearTimeout(deadline);
+      this.sockets.delete(socket);
+      if (state === 'ready' && session) this.options.onSessionEnd?.(session);
+    });
   }
 
   private answer(socket: net.Socket, raw: unknown, peer: string): void {
@@ -121,7 +205,16 @@ export class ControlServer {
     const id = req.id;
     const handler = this.options.handlers?.get(req.topic);
     const reply = (body: unknown) => {
-      if (!socket.destroyed) socket.write(encodeFrame(MessageType.Response, body));
+      if (socket.destroyed) return;
+      let frame: Buffer;
+      try {
+        frame = encodeFrame(MessageType.Response, body);
+      } catch (err) {
+        // Too large or not JSON: the caller gets an error, this process keeps running.
+        const message = `the answer to '${String(req.topic)}' cannot be sent: ${(err as Error).message}`;
+        frame = encodeFrame(MessageType.Response, { id, ok: false, code: 'ERR_REMOTE', message });
+      }
+      socket.write(frame);
     };
     if (!handler) {
       reply({ id, ok: false, code: 'ERR_NO_HANDLER', message: `no handler for topic '${req.topic}'` });
@@ -147,28 +240,42 @@ export class ControlServer {
 /** The client side of one control connection. */
 export class ControlClient {
   private readonly decoder = new FrameDecoder();
-  private waiter: { resolve(d: SegmentDescriptor): void; reject(e: Error): void } | null = null;
+  /** HELLO / GET_SEGMENT requests awaiting their SEGMENT answer; the server answers in order. */
+  private readonly waiters: Array<{ resolve(d: SegmentDescriptor): void; reject(e: Error): void }> = [];
   private closedError: TransferError | null = null;
   private closeListeners: Array<(err: TransferError) => void> = [];
   private nextRequestId = 1;
   private readonly requests = new Map<number, { resolve(v: unknown): void; reject(e: Error): void; timer: NodeJS.Timeout }>();
 
-  private constructor(private readonly socket: net.Socket, readonly address: string) {
+  private helloNonce: Buffer | null = null;
+  private authenticated = false;
+
+  private constructor(
+    private readonly socket: net.Socket,
+    readonly address: string,
+    private readonly secret?: Buffer,
+  ) {
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
     socket.on('error', () => {});
     socket.on('close', () => this.handleClose(new TransferError(`control connection to ${address} closed`, 'ERR_PEER_LOST')));
   }
 
-  /** Connects and fetches the peer's segment descriptor. */
+  /**
+   * Connects and fetches the peer's segment descriptor. With `secret`, both sides
+   * prove it (mutual HMAC challenge-response) before any region is described; a peer
+   * that cannot, or that does not ask, fails the connect with ERR_AUTH.
+   */
   static async connect(
     address: string,
     timeoutMs: number,
     hello: { name?: string } = {},
+    secret?: Buffer,
   ): Promise<{ client: ControlClient; segment: SegmentDescriptor }> {
     const { host, port } = parseAddress(address);
     const socket = net.connect({ host, port });
     socket.setNoDelay(true);
-    const client = new ControlClient(socket, address);
+    const client = new ControlClient(socket, address, secret);
+    client.helloNonce = randomBytes(32);
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
       timer = setTimeout(
@@ -185,11 +292,20 @@ export class ControlClient {
     connected.catch(() => {});
     try {
       await Promise.race([connected, timeout]);
-      const segment = await Promise.race([client.request(MessageType.Hello, { version: WIRE_VERSION, ...hello }), timeout]);
+      const segment = await Promise.race([
+        client.request(MessageType.Hello, { version: WIRE_VERSION, ...hello, nonce: client.helloNonce!.toString('base64') }),
+        timeout,
+      ]);
       socket.setKeepAlive(true, 1000);
+      // Like the server, an idle connection does not keep the process alive (pending
+      // requests do, through their timers).
+      socket.unref();
       return { client, segment };
     } catch (err) {
       socket.destroy();
+      if (err instanceof TransferError && err.code === 'ERR_PEER_LOST') {
+        throw new TransferError(`${address} closed the connection during the handshake`, 'ERR_CONNECT', { cause: err });
+      }
       throw err;
     } finally {
       clearTimeout(timer);
@@ -213,13 +329,22 @@ export class ControlClient {
   call(topic: string, body: unknown, timeoutMs: number): Promise<unknown> {
     if (this.closedError) return Promise.reject(this.closedError);
     const id = this.nextRequestId++;
+    let frame: Buffer;
+    try {
+      frame = encodeFrame(MessageType.Request, { id, topic, body });
+    } catch (err) {
+      const reason = (err as Error).message;
+      return Promise.reject(
+        new TransferError(`Expected a JSON body under ${MAX_BODY} bytes for request '${topic}' but encoding failed: ${reason}`, 'ERR_BAD_ARGUMENT', { cause: err }),
+      );
+    }
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.requests.delete(id);
         reject(new TransferError(`request '${topic}' to ${this.address} timed out after ${timeoutMs} ms`, 'ERR_TIMEOUT'));
       }, timeoutMs);
       this.requests.set(id, { resolve, reject, timer });
-      this.socket.write(encodeFrame(MessageType.Request, { id, topic, body }));
+      this.socket.write(frame);
     });
   }
 
@@ -232,8 +357,7 @@ export class ControlClient {
   private handleClose(err: TransferError): void {
     if (this.closedError) return;
     this.closedError = err;
-    this.waiter?.reject(err);
-    this.waiter = null;
+    for (const w of this.waiters.splice(0)) w.reject(err);
     for (const r of this.requests.values()) {
       clearTimeout(r.timer);
       r.reject(err);
@@ -260,11 +384,28 @@ export class ControlClient {
 
   private request(type: MessageType, body: unknown): Promise<SegmentDescriptor> {
     if (this.closedError) return Promise.reject(this.closedError);
-    if (this.waiter) return Promise.reject(new TransferError('a control request is already in progress', 'ERR_PROTOCOL'));
     return new Promise((resolve, reject) => {
-      this.waiter = { resolve, reject };
+      this.waiters.push({ resolve, reject });
       this.socket.write(encodeFrame(type, body));
     });
+  }
+
+  /** CHALLENGE from the server: check its proof, answer with ours. False when the connection was aborted. */
+  private answerChallenge(raw: unknown): boolean {
+    const body = (raw ?? {}) as { nonce?: unknown; proof?: unknown };
+    if (!this.secret) {
+      this.abort(new TransferError(`peer ${this.address} requires a shared secret (set the secret option or EPD_TRANSFER_SECRET)`, 'ERR_AUTH'));
+      return false;
+    }
+    const serverNonce = decodeNonce(body.nonce);
+    const expected = serverNonce && controlProof(this.secret, 'server', this.helloNonce!, serverNonce);
+    if (!serverNonce || !expected || !sameBytes(expected, decodeNonce(body.proof))) {
+      this.abort(new TransferError(`peer ${this.address} failed to prove the shared secret`, 'ERR_AUTH'));
+      return false;
+    }
+    this.authenticated = true;
+    this.socket.write(encodeFrame(MessageType.Auth, { proof: controlProof(this.secret, 'client', serverNonce, this.helloNonce!).toString('base64') }));
+    return true;
   }
 
   private settle(raw: unknown): void {
@@ -294,11 +435,12 @@ export class ControlClient {
         this.settle(f.body);
         continue;
       }
-      const waiter = this.waiter;
-      this.waiter = null;
+      // Every failure below aborts, which rejects the waiting requests too; a request
+      // leaves the queue only when its SEGMENT arrives.
+      const waiter = this.waiters[0];
       if (f.type === MessageType.Error) {
         const body = (f.body ?? {}) as { code?: string; message?: string };
-        const code = body.code === 'ERR_PROTOCOL_VERSION' ? 'ERR_PROTOCOL_VERSION' : 'ERR_PROTOCOL';
+        const code = body.code === 'ERR_PROTOCOL_VERSION' || body.code === 'ERR_AUTH' ? body.code : 'ERR_PROTOCOL';
         this.abort(new TransferError(`peer ${this.address} refused: ${body.message ?? 'error'}`, code));
         return;
       }
@@ -308,10 +450,21 @@ export class ControlClient {
         );
         return;
       }
+      if (f.type === MessageType.Challenge && waiter && !this.authenticated) {
+        if (!this.answerChallenge(f.body)) return;
+        continue;
+      }
+      if (f.type === MessageType.Segment && waiter && this.secret && !this.authenticated) {
+        // Mutual authentication: a peer that describes itself without proving the
+        // secret could be anyone.
+        this.abort(new TransferError(`peer ${this.address} did not authenticate (it has no shared secret set)`, 'ERR_AUTH'));
+        return;
+      }
       if (f.type !== MessageType.Segment || !waiter) {
         this.abort(new TransferError(`unexpected control message type ${f.type} from ${this.address}`, 'ERR_PROTOCOL'));
         return;
       }
+      this.waiters.shift();
       waiter.resolve(f.body as SegmentDescriptor);
     }
   }

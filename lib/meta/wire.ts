@@ -14,7 +14,7 @@
 import { TransferError } from '../errors.js';
 
 export const MAGIC = 0x45504458; // "EPDX"
-export const WIRE_VERSION = 1;
+export const WIRE_VERSION = 2;
 export const HEADER_BYTES = 12;
 export const MAX_BODY = 1 << 20;
 
@@ -27,6 +27,10 @@ export enum MessageType {
   Request = 5,
   /** Server -> client: { id, ok: true, body } or { id, ok: false, code, message }. */
   Response = 6,
+  /** Server -> client, when it has a secret: { nonce, proof } (docs/WIRE.md, "Authentication"). */
+  Challenge = 7,
+  /** Client -> server: { proof }. */
+  Auth = 8,
 }
 
 export interface Frame {
@@ -91,4 +95,10 @@ export interface SegmentDescriptor {
   hostname: string;
   transports: string[];
   regions: Array<{ id: number; length: number; kind: string; shm?: string; offset?: number; ipcKey?: string }>;
+  /**
+   * The tcp data listener, when the engine has one: its "host:port" addresses (a
+   * wildcard host means "the host you reached my control port at") and the grant
+   * this control connection was given (hex, 16 bytes).
+   */
+  tcp?: { addresses: string[]; grant: string };
 }

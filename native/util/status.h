@@ -25,7 +25,9 @@ enum class Code : int {
   kSystem,           // ERR_SYSTEM (carries errno)
   kProtocol,         // ERR_PROTOCOL (a peer sent something malformed)
   kAuth,             // ERR_AUTH (a peer failed the shared-secret proof)
-  kLastCode = kAuth,
+  kConnect,          // ERR_CONNECT (a peer's address could not be reached)
+  kProtocolVersion,  // ERR_PROTOCOL_VERSION (a peer speaks another wire version)
+  kLastCode = kProtocolVersion,
 };
 
 inline const char* CodeName(Code c) {
@@ -45,6 +47,8 @@ inline const char* CodeName(Code c) {
     case Code::kSystem: return "ERR_SYSTEM";
     case Code::kProtocol: return "ERR_PROTOCOL";
     case Code::kAuth: return "ERR_AUTH";
+    case Code::kConnect: return "ERR_CONNECT";
+    case Code::kProtocolVersion: return "ERR_PROTOCOL_VERSION";
   }
   return "ERR_UNKNOWN";
 }

@@ -74,6 +74,15 @@ describe('TransferEngine.open', () => {
     ['unknown device', { device: 'tpu' }, 'ERR_BAD_ARGUMENT'],
     ['acl device not built', { device: 'acl' }, 'ERR_BACKEND_UNAVAILABLE'],
     ['cuda device not built', { device: 'cuda' }, 'ERR_BACKEND_UNAVAILABLE'],
+    ['unknown transport', { transport: 'udp' }, 'ERR_BAD_ARGUMENT'],
+    ['connections 0', { connections: 0 }, 'ERR_BAD_ARGUMENT'],
+    ['connections 17', { connections: 17 }, 'ERR_BAD_ARGUMENT'],
+    ['empty secret', { secret: '' }, 'ERR_BAD_ARGUMENT'],
+    ['secret a number', { secret: 42 }, 'ERR_BAD_ARGUMENT'],
+    ['dataPort negative', { dataPort: -1 }, 'ERR_BAD_ARGUMENT'],
+    ['dataHost not a string', { dataHost: 1 }, 'ERR_BAD_ARGUMENT'],
+    ['link not an object', { link: 'fast' }, 'ERR_BAD_ARGUMENT'],
+    ['link with a nonsense bandwidth', { link: { bandwidth: 'lots' } }, 'ERR_BAD_ARGUMENT'],
   ];
   test.each(cases)('%s', async (_, options, code) => {
     await expectCode(() => TransferEngine.open(options as never), code);
@@ -139,6 +148,9 @@ describe('connect', () => {
     ['port out of range', '127.0.0.1:99999', undefined, 'ERR_BAD_ARGUMENT'],
     ['options not an object', '127.0.0.1:1', 'x', 'ERR_BAD_ARGUMENT'],
     ['timeoutMs 0', '127.0.0.1:1', { timeoutMs: 0 }, 'ERR_BAD_ARGUMENT'],
+    ['unknown transport', '127.0.0.1:1', { transport: 'rdma' }, 'ERR_BAD_ARGUMENT'],
+    ['connections fractional', '127.0.0.1:1', { connections: 1.5 }, 'ERR_BAD_ARGUMENT'],
+    ['link not an object', '127.0.0.1:1', { link: 5 }, 'ERR_BAD_ARGUMENT'],
   ];
   test.each(cases)('%s', async (_, address, options, code) => {
     await expectCode(() => engine.connect(address as string, options as never), code);

@@ -6,7 +6,7 @@ import type { Peer, Region, TransferEngine } from '../../lib/index.js';
 import { closeEngines, counters, expectCode, openEngine, patterned, repeatedBatch, sha256 } from '../helpers.js';
 
 const MiB = 1 << 20;
-const SIZE = 64 * MiB;
+const SIZE = 16 * MiB;
 
 let engine: TransferEngine;
 let target: TransferEngine;
@@ -24,30 +24,33 @@ afterAll(closeEngines);
 
 test('free() waits for the write in flight over the region to finish', async () => {
   const src = patterned(engine, SIZE, 1);
-  const batch = [...repeatedBatch(src, dst.id, SIZE, 7), { localRegion: src, localOffset: 1, remoteRegion: dst.id, remoteOffset: 0, length: SIZE - 1 }];
-  const expected = sha256(src.buffer!, 1, SIZE - 1);
+  // Many copies into the first half, then a distinctive range into the second half
+  // (descriptors of one batch run in parallel, so their targets must not overlap).
+  const half = SIZE / 2;
+  const batch = [...repeatedBatch(src, dst.id, half, 63), { localRegion: src, localOffset: 1, remoteRegion: dst.id, remoteOffset: half, length: half }];
+  const expected = sha256(src.buffer!, 1, half);
   const write = engine.write(peer, batch);
   await src.free();
   // When free() resolves the batch has finished: every byte landed, nothing is in flight.
   expect(engine.counters.batchesInFlight).toBe(0);
-  expect(sha256(dst.buffer!, 0, SIZE - 1)).toBe(expected);
-  expect((await write).bytes).toBe(8 * SIZE - 1);
+  expect(sha256(dst.buffer!, half, half)).toBe(expected);
+  expect((await write).bytes).toBe(64 * half);
 });
 
 test("free({ inFlight: 'fail' }) stops the write with ERR_REGION_FREED", async () => {
   const src = patterned(engine, SIZE, 3);
   const before = counters(engine);
-  const write = engine.write(peer, repeatedBatch(src, dst.id, SIZE, 64));
+  const write = engine.write(peer, repeatedBatch(src, dst.id, SIZE, 256));
   await src.free({ inFlight: 'fail' });
   const err = await expectCode(() => write, 'ERR_REGION_FREED');
-  expect(err.bytesMoved).toBeLessThan(64 * SIZE);
+  expect(err.bytesMoved).toBeLessThan(256 * SIZE);
   expect(engine.counters.batchesFailed - before.batchesFailed).toBe(1);
   expect(engine.counters.batchesInFlight).toBe(0);
 });
 
 test("free({ inFlight: 'fail' }) stops a read into the region", async () => {
   const local = engine.allocate(SIZE);
-  const read = engine.read(peer, repeatedBatch(local, dst.id, SIZE, 64));
+  const read = engine.read(peer, repeatedBatch(local, dst.id, SIZE, 256));
   await local.free({ inFlight: 'fail' });
   await expectCode(() => read, 'ERR_REGION_FREED');
 });
@@ -55,8 +58,8 @@ test("free({ inFlight: 'fail' }) stops a read into the region", async () => {
 test("free({ inFlight: 'fail' }) leaves batches over other regions alone", async () => {
   const doomed = patterned(engine, SIZE, 4);
   const kept = patterned(engine, 4 * MiB, 5);
-  const a = engine.write(peer, repeatedBatch(doomed, dst.id, SIZE, 64));
-  const b = engine.write(peer, [{ localRegion: kept, localOffset: 0, remoteRegion: dst.id, remoteOffset: 32 * MiB, length: 4 * MiB }]);
+  const a = engine.write(peer, repeatedBatch(doomed, dst.id, SIZE, 256));
+  const b = engine.write(peer, [{ localRegion: kept, localOffset: 0, remoteRegion: dst.id, remoteOffset: 8 * MiB, length: 4 * MiB }]);
   await doomed.free({ inFlight: 'fail' });
   await expectCode(() => a, 'ERR_REGION_FREED');
   expect((await b).bytes).toBe(4 * MiB);
@@ -65,14 +68,13 @@ test("free({ inFlight: 'fail' }) leaves batches over other regions alone", async
 test('a batch naming a region whose free() is pending fails ERR_REGION_FREED and moves nothing', async () => {
   const src = patterned(engine, SIZE, 6);
   const other = patterned(engine, MiB, 7);
-  const running = engine.write(peer, repeatedBatch(src, dst.id, SIZE, 8));
+  const running = engine.write(peer, repeatedBatch(src, dst.id, SIZE, 32));
   const freed = src.free();
-  const snapshot = sha256(dst.buffer!, 40 * MiB, MiB);
   const before = counters(engine);
   await expectCode(
     () =>
       engine.write(peer, [
-        { localRegion: other, localOffset: 0, remoteRegion: dst.id, remoteOffset: 40 * MiB, length: MiB },
+        { localRegion: other, localOffset: 0, remoteRegion: dst.id, remoteOffset: 10 * MiB, length: MiB },
         { localRegion: src, localOffset: 0, remoteRegion: dst.id, remoteOffset: 0, length: 1 },
       ]),
     'ERR_REGION_FREED',
@@ -80,7 +82,8 @@ test('a batch naming a region whose free() is pending fails ERR_REGION_FREED and
   expect(engine.counters.batchesSubmitted).toBe(before.batchesSubmitted);
   await running;
   await freed;
-  expect(sha256(dst.buffer!, 40 * MiB, MiB)).toBe(snapshot);
+  // That range holds what the running batch wrote, none of `other`'s bytes.
+  expect(sha256(dst.buffer!, 10 * MiB, MiB)).toBe(sha256(src.buffer!, 10 * MiB, MiB));
 });
 
 test('a batch naming a freed region fails ERR_UNKNOWN_REGION', async () => {
@@ -103,10 +106,10 @@ test('a peer freeing its region mid-write does not fault the writer; after refre
   const remoteRegion = patterned(target, SIZE, 9);
   const src = patterned(engine, SIZE, 10);
   await peer.refresh();
-  const write = engine.write(peer, repeatedBatch(src, remoteRegion.id, SIZE, 16));
+  const write = engine.write(peer, repeatedBatch(src, remoteRegion.id, SIZE, 64));
   await remoteRegion.free({ inFlight: 'fail' });
   // The writer keeps its own mapping: the batch completes into memory nobody reads.
-  expect((await write).bytes).toBe(16 * SIZE);
+  expect((await write).bytes).toBe(64 * SIZE);
   await peer.refresh();
   await expectCode(() => engine.write(peer, [{ localRegion: src, localOffset: 0, remoteRegion: remoteRegion.id, remoteOffset: 0, length: 1 }]), 'ERR_UNKNOWN_REGION');
 });

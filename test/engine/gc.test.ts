@@ -51,7 +51,7 @@ test('a Region dropped without free() is released after GC; a kept one keeps wor
 
 test('a Region collected while a DescriptorBatch over it is in flight does not fail the batch', async () => {
   const r = await scenario<{ ok: boolean; code?: string; released: boolean; landed: boolean }>('inFlight');
-  expect(r).toEqual({ ok: true, bytes: 16 * 64 * MiB, released: true, landed: true });
+  expect(r).toEqual({ ok: true, bytes: 64 * 16 * MiB, released: true, landed: true });
 });
 
 test('shm objects of a SIGKILLed process are reclaimed by the next open(); a live peer keeps its own', async () => {

@@ -5,7 +5,7 @@ import type { Peer, Region, TransferEngine } from '../../lib/index.js';
 import { closeEngines, expectCode, openEngine, patterned, repeatedBatch, sha256, startPeer, stopPeers, waitFor, type PeerProcess } from '../helpers.js';
 
 const MiB = 1 << 20;
-const SIZE = 64 * MiB;
+const SIZE = 16 * MiB;
 
 let engine: TransferEngine;
 let src: Region;
@@ -31,10 +31,10 @@ test('peer killed mid-batch: a write fails ERR_PEER_LOST within its deadline, th
   const peer = await engine.connect(victim.address);
   const other = await engine.connect(bystander.address);
   // Something in flight to the bystander all along must be unaffected.
-  const parallel = engine.write(other, repeatedBatch(src, bystander.regions[0], SIZE, 8));
+  const parallel = engine.write(other, repeatedBatch(src, bystander.regions[0], SIZE, 32));
 
-  await engine.write(peer, repeatedBatch(src, victim.regions[0], SIZE, 2));
-  const big = () => engine.write(peer, repeatedBatch(src, victim.regions[0], SIZE, 16), { timeoutMs: 20_000 });
+  await engine.write(peer, repeatedBatch(src, victim.regions[0], SIZE, 8));
+  const big = () => engine.write(peer, repeatedBatch(src, victim.regions[0], SIZE, 64), { timeoutMs: 20_000 });
   const inFlight = big();
   victim.child.kill('SIGKILL');
   let failure: unknown;
@@ -52,7 +52,7 @@ test('peer killed mid-batch: a write fails ERR_PEER_LOST within its deadline, th
   expect(peer.lost!.code).toBe('ERR_PEER_LOST');
   await expectCode(() => big(), 'ERR_PEER_LOST');
 
-  expect((await parallel).bytes).toBe(8 * SIZE);
+  expect((await parallel).bytes).toBe(32 * SIZE);
   await writeAndVerify(other, bystander);
   const fresh = await startPeer({ regions: [SIZE] });
   await writeAndVerify(await engine.connect(fresh.address), fresh);
@@ -63,7 +63,7 @@ test('a read from a killed peer fails ERR_PEER_LOST', async () => {
   const victim = await startPeer({ regions: [SIZE] });
   const peer = await engine.connect(victim.address);
   const dst = engine.allocate(SIZE);
-  const pending = engine.read(peer, repeatedBatch(dst, victim.regions[0], SIZE, 64));
+  const pending = engine.read(peer, repeatedBatch(dst, victim.regions[0], SIZE, 256));
   victim.child.kill('SIGKILL');
   await expectCode(() => pending, 'ERR_PEER_LOST');
   await victim.exited;
@@ -113,7 +113,7 @@ test('a stopped peer cannot answer a refresh: ERR_TIMEOUT, and the peer is then 
 test('disconnect() fails the batch in flight and later batches with ERR_PEER_LOST', async () => {
   const child = await startPeer({ regions: [SIZE] });
   const peer = await engine.connect(child.address);
-  const pending = engine.write(peer, repeatedBatch(src, child.regions[0], SIZE, 64));
+  const pending = engine.write(peer, repeatedBatch(src, child.regions[0], SIZE, 256));
   peer.disconnect();
   await expectCode(() => pending, 'ERR_PEER_LOST');
   await expectCode(() => engine.write(peer, [{ localRegion: src, localOffset: 0, remoteRegion: child.regions[0], remoteOffset: 0, length: 1 }]), 'ERR_PEER_LOST');

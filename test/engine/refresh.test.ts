@@ -75,3 +75,20 @@ test('refresh of a lost peer rejects ERR_PEER_LOST', async () => {
     await p.refresh();
   }, 'ERR_PEER_LOST');
 });
+
+test('concurrent writes naming a region allocated after connect all refresh and succeed', async () => {
+  const { id } = await child.call<{ id: number }>('allocate', { bytes: MiB });
+  const writes = Array.from({ length: 8 }, (_, i) =>
+    engine.write(peer, [{ localRegion: src, localOffset: i * 1000, remoteRegion: id, remoteOffset: i * 4096, length: 4096 }]),
+  );
+  await Promise.all(writes);
+  for (let i = 0; i < 8; i++) {
+    expect(await child.call('hash', { region: id, offset: i * 4096, length: 4096 })).toBe(sha256(src.buffer!, i * 1000, 4096));
+  }
+});
+
+test('concurrent peer.refresh() calls all resolve with the current list', async () => {
+  const { id } = await child.call<{ id: number }>('allocate', { bytes: 4096 });
+  await Promise.all([peer.refresh(), peer.refresh(), peer.refresh()]);
+  expect(peer.regions.map((r) => r.id)).toContain(id);
+});

@@ -79,6 +79,25 @@ describe('a process dies mid-request', () => {
   });
 });
 
+describe('DONE acknowledgement', () => {
+  it('retries DONE on its own when the notice carrying it is not answered in time; decode counts it once', async () => {
+    const decode = await startKvProcess('kv-decode.mjs', { geometry: fixtureGeometry(SMALL, 'decode'), doneDelayMs: 300 });
+    const P = await openEngine({ listen: false });
+    const p = cache(P, SMALL, SMALL.prefillBlockSize, SMALL.prefillBlocks, 3);
+    const sender = new LayerwiseSender(P, p.layout, { ackTimeoutMs: 150, retries: 4, retryDelayMs: 50 });
+    closers.push(() => sender.close());
+    await decode.call('expect', { id: 'slow-done', blocks: [4, 5], deadlineMs: 10_000 });
+    const h = sender.add({ requestId: 'slow-done', peer: decode.address!, localBlocks: [1, 2], remoteBlocks: [4, 5], tokens: 16 });
+    for (let l = 0; l < SMALL.layers; l++) sender.layerReady(l, Promise.resolve());
+    await h.result;
+    expect(await decode.call<Outcome>('outcome', { id: 'slow-done' })).toMatchObject({ ok: true });
+    const stats = await decode.call<{ requestsDone: number; requestsFailed: number; duplicates: number }>('stats');
+    expect(stats).toMatchObject({ requestsDone: 1, requestsFailed: 0 });
+    expect(stats.duplicates).toBeGreaterThanOrEqual(1); // the retried DONE arrived and changed nothing
+    expect(await decode.call('digest', { ids: [4, 5] })).toBe(digestBlocks(p.layout, [1, 2]));
+  });
+});
+
 describe('back-pressure', () => {
   it('a slow decode bounds the bytes prefill has written but not had acknowledged to its window', async () => {
     const g: Geometry = { ...SMALL, tensors: gqaTensors({ kvHeads: 2, headDim: 32 }), prefillBlockSize: 16, decodeBlockSize: 16, prefillBlocks: 160, decodeBlocks: 160 };

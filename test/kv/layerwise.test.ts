@@ -358,6 +358,45 @@ describe('prefill block lifetime', () => {
   });
 });
 
+describe('prefill block lifetime over a slowed link (link emulation)', () => {
+  it('releases only when the engine has no write of the request in flight; freeing then cannot corrupt decode', async () => {
+    const trace = new KvTracer();
+    const { p, d, sender, receiver } = await setup(SMALL, { sender: { trace } });
+    const original: Side = { ...p, region: { ...p.region, buffer: Buffer.from(p.region.buffer!) } as Region };
+    const peer = await p.engine.connect(d.engine.address!, { link: { bandwidth: '2MB/s' } }); // 12 KiB per layer: ~6 ms each
+    const local = range(30, 6);
+    const remote = range(3, 6);
+    const received = receiver.expect('slow-link', { blocks: remote, deadlineMs: 10_000 });
+    const h = sender.add({ requestId: 'slow-link', peer, localBlocks: local, remoteBlocks: remote, tokens: 48 });
+    const atRelease: number[] = [];
+    void h.released.then(() => {
+      atRelease.push(p.engine.inFlight);
+      p.region.buffer!.fill(0);
+    });
+    allLayersReady(sender, SMALL.layers);
+    await h.result;
+    await received;
+    expect(atRelease).toEqual([0]);
+    expect(mismatches(original, d, local, remote, 0, 6)).toEqual([]);
+  });
+
+  it('an abort while a layer is on the wire releases only after that write completed', async () => {
+    const trace = new KvTracer();
+    const { p, d, sender, receiver } = await setup(SMALL, { sender: { trace } });
+    const peer = await p.engine.connect(d.engine.address!, { link: { bandwidth: '40kB/s' } }); // 12 KiB per layer: ~300 ms each
+    const received = receiver.expect('wire', { blocks: range(0, 6), deadlineMs: 10_000 });
+    const h = sender.add({ requestId: 'wire', peer, localBlocks: range(10, 6), remoteBlocks: range(0, 6), tokens: 48 });
+    allLayersReady(sender, SMALL.layers);
+    await waitFor(() => trace.events.some((e) => e.phase === 'sendStart' && e.layer === 1), 'layer 1 on the wire');
+    expect(p.engine.inFlight).toBe(1);
+    sender.abort('wire');
+    const atRelease = await h.released.then(() => ({ inFlight: p.engine.inFlight, ended: trace.events.some((e) => e.phase === 'sendEnd' && e.layer === 1) }));
+    expect(atRelease).toEqual({ inFlight: 0, ended: true });
+    expect(trace.events.some((e) => e.phase === 'sendStart' && e.layer === 2)).toBe(false);
+    await expect(received).rejects.toMatchObject({ code: 'ERR_ABORTED' });
+  });
+});
+
 describe('tracing', () => {
   it('exports ready/send/ack per layer as Chrome-trace JSON and summarises it', async () => {
     const trace = new KvTracer('prefill');
