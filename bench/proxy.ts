@@ -2,10 +2,10 @@
  * bench proxy: what the EPD proxy adds to a request. Two processes answer
  * instantly — a worker, and the proxy in front of it — and a third (this one)
  * sends the same open-loop load (a fixed rate, not "as fast as possible") straight
- * to the worker and through the proxy, in alternating phases of the same run. The
- * figures are the differences of the latency percentiles (the load generator's own
- * cost cancels out), and the proxy's capacity measured closed-loop next to the
- * worker's.
+ * to the worker and through the proxy, alternating every 250 ms, so both see the
+ * same machine while each gets exactly the offered rate. The figures are the differences of
+ * the latency percentiles (the load generator's own cost cancels out), and the
+ * proxy's capacity measured closed-loop next to the worker's.
  *
  *   epd-transfer bench proxy [--rate 500] [--duration 3s] [--runs 3] [--stream] [--concurrency 32] [--json]
  *
@@ -119,28 +119,6 @@ class Target {
     }
   }
 
-  /** Open loop: `rate` requests/s for `durationMs`, each sent at its scheduled time whatever the others do. */
-  async openLoop(rate: number, durationMs: number): Promise<{ latencies: number[]; sent: number; seconds: number }> {
-    const period = 1000 / rate;
-    const total = Math.max(1, Math.round((durationMs / 1000) * rate));
-    const latencies: number[] = [];
-    const pending: Promise<void>[] = [];
-    const start = performance.now();
-    let sent = 0;
-    while (sent < total) {
-      const now = performance.now();
-      // Send everything that is due (the timer may fire late), then sleep until the next one.
-      while (sent < total && start + sent * period <= now) {
-        pending.push(this.once().then((ms) => void (Number.isNaN(ms) || latencies.push(ms))));
-        sent++;
-      }
-      if (sent < total) await sleep(Math.max(0, start + sent * period - performance.now()));
-    }
-    const seconds = (performance.now() - start) / 1000;
-    await Promise.all(pending);
-    return { latencies: latencies.sort((a, b) => a - b), sent, seconds };
-  }
-
   /** Closed loop: `concurrency` requests always in flight for `durationMs`; resolves with requests/s. */
   async closedLoop(concurrency: number, durationMs: number): Promise<number> {
     const end = performance.now() + durationMs;
@@ -161,6 +139,49 @@ class Target {
   }
 }
 
+/** Open loop: `rate` requests/s for `durationMs` to one target, each sent at its scheduled time whatever the others do. */
+async function openLoop(target: Target, rate: number, durationMs: number, latencies: number[]): Promise<{ sent: number; seconds: number }> {
+  const period = 1000 / rate;
+  const total = Math.max(1, Math.round((durationMs / 1000) * rate));
+  const pending: Promise<void>[] = [];
+  const start = performance.now();
+  let sent = 0;
+  while (sent < total) {
+    const now = performance.now();
+    // Send everything that is due (the timer may fire late), then sleep until the next one.
+    while (sent < total && start + sent * period <= now) {
+      pending.push(target.once().then((ms) => void (Number.isNaN(ms) || latencies.push(ms))));
+      sent++;
+    }
+    if (sent < total) await sleep(Math.max(0, start + sent * period - performance.now()));
+  }
+  const seconds = (performance.now() - start) / 1000;
+  await Promise.all(pending);
+  return { sent, seconds };
+}
+
+/** Length of one slice of the alternation between the targets (ms). */
+const SLICE_MS = 250;
+
+/**
+ * One measured run: `durationMs` of load per target, sent in alternating slices
+ * of SLICE_MS (direct, proxied, direct, …), so that a busy moment of the machine —
+ * a GC, another process — falls on both sides alike while each side still gets
+ * exactly `rate` requests/s.
+ */
+async function alternate(targets: Target[], rate: number, durationMs: number): Promise<Array<{ latencies: number[]; rate: number }>> {
+  const out = targets.map(() => ({ latencies: [] as number[], sent: 0, seconds: 0 }));
+  for (let done = 0; done < durationMs; done += SLICE_MS) {
+    const slice = Math.min(SLICE_MS, durationMs - done);
+    for (const [i, t] of targets.entries()) {
+      const r = await openLoop(t, rate, slice, out[i].latencies);
+      out[i].sent += r.sent;
+      out[i].seconds += r.seconds;
+    }
+  }
+  return out.map((o) => ({ latencies: o.latencies.sort((a, b) => a - b), rate: o.sent / o.seconds }));
+}
+
 export async function runProxyBench(options: ProxyBenchOptions): Promise<ProxyBenchResult> {
   const worker = await startChild('worker', '');
   let proxy: { child: ChildProcess; url: string } | undefined;
@@ -171,24 +192,23 @@ export async function runProxyBench(options: ProxyBenchOptions): Promise<ProxyBe
     const proxied = new Target(proxy.url, BODY(options.stream));
     targets.push(direct, proxied);
 
-    // Warm up both paths (connections, JIT) at the measured rate.
-    const warmMs = Math.min(1000, options.durationMs);
-    await direct.openLoop(options.rate, warmMs);
-    await proxied.openLoop(options.rate, warmMs);
+    // Warm up both paths at the measured rate until connections are open and the JIT has
+    // settled: the figure is the proxy's steady state, not its first second.
+    await alternate([direct, proxied], options.rate, Math.min(2000, 2 * options.durationMs));
     direct.errors = 0;
     proxied.errors = 0;
 
     const runs: Array<{ direct: LatencyFigures; proxied: LatencyFigures; rate: number }> = [];
     for (let r = 0; r < options.runs; r++) {
-      // Alternate which goes first, so a slow moment of the machine does not always hit the same side.
+      // Alternate which target leads.
       const order = r % 2 === 0 ? [direct, proxied] : [proxied, direct];
-      const out = new Map<Target, { latencies: number[]; sent: number; seconds: number }>();
-      for (const t of order) out.set(t, await t.openLoop(options.rate, options.durationMs));
+      const results = await alternate(order, options.rate, options.durationMs);
+      const of = (t: Target) => results[order.indexOf(t)];
       const figures = (t: Target): LatencyFigures => {
-        const l = out.get(t)!.latencies;
+        const l = of(t).latencies;
         return { p50Ms: percentile(l, 50), p99Ms: percentile(l, 99), requests: l.length };
       };
-      runs.push({ direct: figures(direct), proxied: figures(proxied), rate: out.get(proxied)!.sent / out.get(proxied)!.seconds });
+      runs.push({ direct: figures(direct), proxied: figures(proxied), rate: of(proxied).rate });
     }
 
     const directRps = await direct.closedLoop(options.concurrency, options.durationMs);
@@ -223,7 +243,7 @@ export async function runProxyBench(options: ProxyBenchOptions): Promise<ProxyBe
 }
 
 export function printProxyResult(r: ProxyBenchResult): void {
-  printTable(`bench proxy: ${r.rate} req/s open loop, ${r.runs} runs x ${r.durationMs} ms per side, ${r.stream ? 'SSE stream' : 'JSON'} answers (median over runs)`, [
+  printTable(`bench proxy: ${r.rate} req/s open loop, direct and proxied alternating every ${SLICE_MS} ms, ${r.runs} runs x ${r.durationMs} ms, ${r.stream ? 'SSE stream' : 'JSON'} answers (median over runs)`, [
     ['straight to worker p50 / p99', `${r.direct.p50Ms} / ${r.direct.p99Ms} ms`],
     ['through the proxy  p50 / p99', `${r.proxied.p50Ms} / ${r.proxied.p99Ms} ms`],
     ['added p50', `${r.addedP50Ms} ms`],

@@ -277,7 +277,7 @@ export class EpdProxy {
     res.once('close', onClose);
     this.active.add(client);
     const trace: RequestTrace = { id: requestId, endpoint, stream: false, route: 'text', start: now(), end: 0, status: 0, retries: 0 };
-    const writer = new StreamWriter(res);
+    const writer = new StreamWriter(res, this.ctx.timeouts.idleMs);
     try {
       const body = parseJson(await readRequestBody(req, this.options.maxBodyBytes ?? 64 << 20, client.signal));
       const plan = planRequest(endpoint, body, {
@@ -294,7 +294,8 @@ export class EpdProxy {
       trace.status = res.statusCode;
     } catch (e) {
       const err = client.signal.aborted ? asProxyError(client.signal.reason) : asProxyError(e);
-      trace.status = client.signal.aborted ? 499 : res.headersSent ? res.statusCode : err.status;
+      // A failure after the first byte still counts as that failure (the client saw 200 and then an error).
+      trace.status = client.signal.aborted ? 499 : err.status;
       trace.error = { code: err.code, message: err.message };
       sendError(res, err, writer.atEventBoundary);
     } finally {
