@@ -101,7 +101,8 @@ export async function startEtcdServer(options: EtcdServerOptions = {}): Promise<
       '--logger', 'zap',
       '--log-level', 'error',
     ],
-    { stdio: ['ignore', 'ignore', 'pipe'] },
+    // A sanitizer runtime preloaded for our addon has no business inside etcd.
+    { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, LD_PRELOAD: '' } },
   );
   let stderr = '';
   child.stderr!.on('data', (d: Buffer) => {
