@@ -16,6 +16,7 @@ import { TransferError } from './errors.js';
 import { native } from './native.js';
 import { probe, type BackendStatus } from './probe.js';
 import { BENCH_PROXY_USAGE, PROXY_USAGE, benchProxyCommand, runProxyCommand } from './proxy/cli.js';
+import { META_USAGE, metadataCommand, registerCommand } from './meta/cli.js';
 import { expectInteger, parseBytes } from './validate.js';
 
 const USAGE = `Usage: epd-transfer <command> [options]
@@ -42,7 +43,7 @@ Commands:
       --integrity                checksum every layer, verified by decode
       --trace <file>             write a Chrome trace (prefill + decode) of the last run
       --json                     one JSON object instead of the table
-${BENCH_PROXY_USAGE}${PROXY_USAGE}  shm-gc                         remove shared memory left by crashed engines
+${BENCH_PROXY_USAGE}${PROXY_USAGE}${META_USAGE}  shm-gc                         remove shared memory left by crashed engines
 `;
 
 async function benchTransfer(args: string[]): Promise<void> {
@@ -159,6 +160,10 @@ export async function main(argv: string[]): Promise<number> {
       }
       case 'proxy':
         return await runProxyCommand(rest);
+      case 'register':
+        return await registerCommand(rest);
+      case 'metadata':
+        return await metadataCommand(rest);
       case 'shm-gc':
         console.log(`removed ${native.reclaimStaleShm()} stale shared-memory object(s)`);
         return 0;
