@@ -2,10 +2,10 @@
  * bench proxy: what the EPD proxy adds to a request. Two processes answer
  * instantly — a worker, and the proxy in front of it — and a third (this one)
  * sends the same open-loop load (a fixed rate, not "as fast as possible") straight
- * to the worker and through the proxy, in alternating phases of the same run. The
- * figures are the differences of the latency percentiles (the load generator's own
- * cost cancels out), and the proxy's capacity measured closed-loop next to the
- * worker's.
+ * to the worker and through the proxy at the same time, the two request streams
+ * interleaved, so both see the same machine. The figures are the differences of
+ * the latency percentiles (the load generator's own cost cancels out), and the
+ * proxy's capacity measured closed-loop next to the worker's.
  *
  *   epd-transfer bench proxy [--rate 500] [--duration 3s] [--runs 3] [--stream] [--concurrency 32] [--json]
  *
@@ -119,28 +119,6 @@ class Target {
     }
   }
 
-  /** Open loop: `rate` requests/s for `durationMs`, each sent at its scheduled time whatever the others do. */
-  async openLoop(rate: number, durationMs: number): Promise<{ latencies: number[]; sent: number; seconds: number }> {
-    const period = 1000 / rate;
-    const total = Math.max(1, Math.round((durationMs / 1000) * rate));
-    const latencies: number[] = [];
-    const pending: Promise<void>[] = [];
-    const start = performance.now();
-    let sent = 0;
-    while (sent < total) {
-      const now = performance.now();
-      // Send everything that is due (the timer may fire late), then sleep until the next one.
-      while (sent < total && start + sent * period <= now) {
-        pending.push(this.once().then((ms) => void (Number.isNaN(ms) || latencies.push(ms))));
-        sent++;
-      }
-      if (sent < total) await sleep(Math.max(0, start + sent * period - performance.now()));
-    }
-    const seconds = (performance.now() - start) / 1000;
-    await Promise.all(pending);
-    return { latencies: latencies.sort((a, b) => a - b), sent, seconds };
-  }
-
   /** Closed loop: `concurrency` requests always in flight for `durationMs`; resolves with requests/s. */
   async closedLoop(concurrency: number, durationMs: number): Promise<number> {
     const end = performance.now() + durationMs;
@@ -161,6 +139,42 @@ class Target {
   }
 }
 
+/**
+ * Open loop over several targets at once: every target gets `rate` requests/s for
+ * `durationMs`, each request sent at its scheduled time whatever the others do,
+ * and the targets' schedules interleaved (offset by a fraction of the period) so
+ * that every moment of the machine — a GC, another process — hits all of them alike.
+ */
+async function openLoop(targets: Target[], rate: number, durationMs: number): Promise<Array<{ latencies: number[]; sent: number; seconds: number }>> {
+  const period = 1000 / rate;
+  const perTarget = Math.max(1, Math.round((durationMs / 1000) * rate));
+  const total = perTarget * targets.length;
+  const slot = period / targets.length;
+  const out = targets.map(() => ({ latencies: [] as number[], sent: 0, seconds: 0 }));
+  const pending: Promise<void>[] = [];
+  const start = performance.now();
+  let sent = 0;
+  while (sent < total) {
+    const now = performance.now();
+    // Send everything that is due (the timer may fire late), then sleep until the next one.
+    while (sent < total && start + sent * slot <= now) {
+      const i = sent % targets.length;
+      const record = out[i];
+      pending.push(targets[i].once().then((ms) => void (Number.isNaN(ms) || record.latencies.push(ms))));
+      record.sent++;
+      sent++;
+    }
+    if (sent < total) await sleep(Math.max(0, start + sent * slot - performance.now()));
+  }
+  const seconds = (performance.now() - start) / 1000;
+  await Promise.all(pending);
+  for (const o of out) {
+    o.seconds = seconds;
+    o.latencies.sort((a, b) => a - b);
+  }
+  return out;
+}
+
 export async function runProxyBench(options: ProxyBenchOptions): Promise<ProxyBenchResult> {
   const worker = await startChild('worker', '');
   let proxy: { child: ChildProcess; url: string } | undefined;
@@ -172,23 +186,21 @@ export async function runProxyBench(options: ProxyBenchOptions): Promise<ProxyBe
     targets.push(direct, proxied);
 
     // Warm up both paths (connections, JIT) at the measured rate.
-    const warmMs = Math.min(1000, options.durationMs);
-    await direct.openLoop(options.rate, warmMs);
-    await proxied.openLoop(options.rate, warmMs);
+    await openLoop([direct, proxied], options.rate, Math.min(1000, options.durationMs));
     direct.errors = 0;
     proxied.errors = 0;
 
     const runs: Array<{ direct: LatencyFigures; proxied: LatencyFigures; rate: number }> = [];
     for (let r = 0; r < options.runs; r++) {
-      // Alternate which goes first, so a slow moment of the machine does not always hit the same side.
+      // Alternate which target leads the interleaving.
       const order = r % 2 === 0 ? [direct, proxied] : [proxied, direct];
-      const out = new Map<Target, { latencies: number[]; sent: number; seconds: number }>();
-      for (const t of order) out.set(t, await t.openLoop(options.rate, options.durationMs));
+      const results = await openLoop(order, options.rate, options.durationMs);
+      const of = (t: Target) => results[order.indexOf(t)];
       const figures = (t: Target): LatencyFigures => {
-        const l = out.get(t)!.latencies;
+        const l = of(t).latencies;
         return { p50Ms: percentile(l, 50), p99Ms: percentile(l, 99), requests: l.length };
       };
-      runs.push({ direct: figures(direct), proxied: figures(proxied), rate: out.get(proxied)!.sent / out.get(proxied)!.seconds });
+      runs.push({ direct: figures(direct), proxied: figures(proxied), rate: of(proxied).sent / of(proxied).seconds });
     }
 
     const directRps = await direct.closedLoop(options.concurrency, options.durationMs);
@@ -223,7 +235,7 @@ export async function runProxyBench(options: ProxyBenchOptions): Promise<ProxyBe
 }
 
 export function printProxyResult(r: ProxyBenchResult): void {
-  printTable(`bench proxy: ${r.rate} req/s open loop, ${r.runs} runs x ${r.durationMs} ms per side, ${r.stream ? 'SSE stream' : 'JSON'} answers (median over runs)`, [
+  printTable(`bench proxy: ${r.rate} req/s open loop to each side (interleaved), ${r.runs} runs x ${r.durationMs} ms, ${r.stream ? 'SSE stream' : 'JSON'} answers (median over runs)`, [
     ['straight to worker p50 / p99', `${r.direct.p50Ms} / ${r.direct.p99Ms} ms`],
     ['through the proxy  p50 / p99', `${r.proxied.p50Ms} / ${r.proxied.p99Ms} ms`],
     ['added p50', `${r.addedP50Ms} ms`],

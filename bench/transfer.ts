@@ -1,9 +1,12 @@
 /**
  * bench transfer: one process writes (or reads) blocks into another process's
- * registered region through the engine; the figure is printed next to
- * single-thread memcpy over a working set of the same size, measured in the same run.
+ * registered region through the engine; the figure is printed next to a reference
+ * measured in the same run: single-thread memcpy over a working set of the same
+ * size (shm), or a raw loopback socket pump with the same number of connections,
+ * block size and working set (tcp) — the most a TCP transport can get on this host.
  *
  *   epd-transfer bench transfer --transport shm --block 1MiB --batch 64 [--threads n] [--json]
+ *   epd-transfer bench transfer --transport tcp --connections 2 --block 64KiB --batch 128 [--json]
  *
  * The working set (default 512 MiB per side) is larger than the CPU caches and the
  * offsets rotate through it, so both figures are DRAM-bound like real KV traffic.
@@ -20,7 +23,9 @@ import { formatBytes, parseBytes } from '../lib/validate.js';
 import { environment, printTable, round, spread } from './common.js';
 
 export interface TransferBenchOptions {
-  transport: 'shm';
+  transport: 'shm' | 'tcp';
+  /** tcp: data connections of the peer, and of the reference pump. */
+  connections?: number;
   op: 'write' | 'read';
   blockBytes: number;
   batch: number;
@@ -33,6 +38,8 @@ export interface TransferBenchOptions {
 
 export interface TransferBenchResult {
   transport: string;
+  /** tcp only: data connections (and pump connections). */
+  connections?: number;
   op: string;
   blockBytes: number;
   batch: number;
@@ -156,9 +163,11 @@ async function fullPass(engine: TransferEngine, peer: Peer, local: Region, remot
 }
 
 export async function runTransferBench(opts: TransferBenchOptions): Promise<TransferBenchResult> {
-  if (opts.transport !== 'shm') {
+  if (opts.transport !== 'shm' && opts.transport !== 'tcp') {
     throw new TransferError(`transport '${opts.transport}' is not built into this version`, 'ERR_BACKEND_UNAVAILABLE');
   }
+  const tcp = opts.transport === 'tcp';
+  const connections = opts.connections ?? 2;
   if (opts.blockBytes > opts.regionBytes) throw new TransferError('--block is larger than --region', 'ERR_BAD_ARGUMENT');
   // A whole number of blocks, so the final pass covers every byte that is hashed.
   opts = { ...opts, regionBytes: slotsOf(opts) * opts.blockBytes };
@@ -170,7 +179,7 @@ export async function runTransferBench(opts: TransferBenchOptions): Promise<Tran
     const local = engine.allocate(opts.regionBytes);
     fillPattern(local.buffer!, 12345);
     const reference = engine.allocate(opts.regionBytes);
-    const peer = await engine.connect(target.address);
+    const peer = await engine.connect(target.address, tcp ? { transport: 'tcp', connections } : { transport: 'shm' });
 
     // Warm-up: fault in both mappings and the code paths.
     await fullPass(engine, peer, local, target.region, opts);
@@ -181,7 +190,11 @@ export async function runTransferBench(opts: TransferBenchOptions): Promise<Tran
     let descriptors = 0;
     let seconds = 0;
     for (let r = 0; r < opts.runs; r++) {
-      refRuns.push(native.memcpyBandwidth(reference.buffer!, local.buffer!, opts.blockBytes, Math.min(300, opts.runMillis)));
+      refRuns.push(
+        tcp
+          ? native.tcpPump(connections, opts.blockBytes, local.buffer!, reference.buffer!, Math.min(500, opts.runMillis))
+          : native.memcpyBandwidth(reference.buffer!, local.buffer!, opts.blockBytes, Math.min(300, opts.runMillis)),
+      );
       const run = await pump(engine, peer, local, target.region, opts, state, performance.now() + opts.runMillis);
       rates.push(run.bytes / run.seconds / 1e9);
       descriptors += run.descriptors;
@@ -200,6 +213,7 @@ export async function runTransferBench(opts: TransferBenchOptions): Promise<Tran
     const ref = spread(refRuns);
     return {
       transport: opts.transport,
+      ...(tcp ? { connections } : {}),
       op: opts.op,
       blockBytes: opts.blockBytes,
       batch: opts.batch,
@@ -211,7 +225,9 @@ export async function runTransferBench(opts: TransferBenchOptions): Promise<Tran
       gbpsMin: round(g.min),
       gbpsMax: round(g.max),
       referenceGbps: round(ref.median),
-      reference: 'single-thread memcpy, same block size, same working-set size, same run',
+      reference: tcp
+        ? `raw loopback TCP socket pump, ${connections} connection(s), same block size, same working-set size, same run`
+        : 'single-thread memcpy, same block size, same working-set size, same run',
       ratio: round(g.median / ref.median, 3),
       descriptorsPerSec: Math.round(descriptors / seconds),
       verified,
@@ -225,10 +241,13 @@ export async function runTransferBench(opts: TransferBenchOptions): Promise<Tran
 
 export function printTransferResult(r: TransferBenchResult): void {
   printTable(`epd-transfer bench transfer (${r.transport}, ${r.op})`, [
-    ['block × batch', `${formatBytes(r.blockBytes)} × ${r.batch}  (${r.inflight} batches in flight, ${r.threads} threads)`],
+    [
+      'block × batch',
+      `${formatBytes(r.blockBytes)} × ${r.batch}  (${r.inflight} batches in flight, ${r.connections ? `${r.connections} connections` : `${r.threads} threads`})`,
+    ],
     ['working set', `${formatBytes(r.regionBytes)} per side`],
     ['transfer', `${r.gbps} GB/s  (median of ${r.runs}; ${r.gbpsMin}–${r.gbpsMax})`],
-    ['memcpy reference', `${r.referenceGbps} GB/s  (${r.reference})`],
+    [r.connections ? 'socket reference' : 'memcpy reference', `${r.referenceGbps} GB/s  (${r.reference})`],
     ['ratio', String(r.ratio)],
     ['descriptors/s', r.descriptorsPerSec.toLocaleString('en-US')],
     ['verified', r.verified ? 'yes (hash of the whole target region matches)' : 'NO'],

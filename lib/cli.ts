@@ -2,8 +2,8 @@
  * The `epd-transfer` command line.
  *
  *   epd-transfer probe [--json]
- *   epd-transfer bench transfer [--transport shm] [--op write|read] [--block 1MiB] [--batch 64]
- *                               [--threads n] [--inflight 2] [--region 512MiB] [--runs 5] [--json]
+ *   epd-transfer bench transfer [--transport shm|tcp] [--connections n] [--op write|read] [--block 1MiB]
+ *                               [--batch 64] [--threads n] [--inflight 2] [--region 512MiB] [--runs 5] [--json]
  *   epd-transfer bench layerwise --model <profile> --tokens <n> [--link 25GB/s] [--transport shm]
  *                                [--runs 3] [--integrity] [--trace out.json] [--json]
  *   epd-transfer proxy [--prefill <url> --decode <url> | --pd <url>] [--encode <url>] [options]
@@ -23,8 +23,10 @@ const USAGE = `Usage: epd-transfer <command> [options]
 
 Commands:
   probe [--json]                 what this host offers: devices, transports, memcpy GB/s
-  bench transfer [options]       bandwidth between two processes, next to memcpy
-      --transport shm            transport (shm)
+  bench transfer [options]       bandwidth between two processes, next to memcpy (shm)
+                                 or a raw loopback socket pump (tcp), measured in the same run
+      --transport shm|tcp        transport (shm)
+      --connections <n>          tcp data connections, also the pump's (2)
       --op write|read            push into the peer or pull from it (write)
       --block <size>             bytes per descriptor (1MiB)
       --batch <n>                descriptors per batch (64)
@@ -51,6 +53,7 @@ async function benchTransfer(args: string[]): Promise<void> {
     args,
     options: {
       transport: { type: 'string', default: 'shm' },
+      connections: { type: 'string', default: '2' },
       op: { type: 'string', default: 'write' },
       block: { type: 'string', default: '1MiB' },
       batch: { type: 'string', default: '64' },
@@ -62,13 +65,14 @@ async function benchTransfer(args: string[]): Promise<void> {
       json: { type: 'boolean', default: false },
     },
   });
-  if (values.transport !== 'shm') {
-    throw new TransferError(`--transport ${values.transport}: only shm is built into this version`, 'ERR_BACKEND_UNAVAILABLE');
+  if (values.transport !== 'shm' && values.transport !== 'tcp') {
+    throw new TransferError(`--transport ${values.transport}: expected shm or tcp`, 'ERR_BACKEND_UNAVAILABLE');
   }
   if (values.op !== 'write' && values.op !== 'read') throw new TransferError('--op must be write or read', 'ERR_BAD_ARGUMENT');
   const { runTransferBench, printTransferResult } = await import('../bench/transfer.js');
   const result = await runTransferBench({
-    transport: 'shm',
+    transport: values.transport,
+    connections: expectInteger(Number(values.connections), '--connections', 1, 16),
     op: values.op,
     blockBytes: parseBytes(values.block, '--block'),
     batch: expectInteger(Number(values.batch), '--batch', 1),
@@ -134,6 +138,7 @@ function runProbe(args: string[]): void {
   console.log('transports:');
   for (const [k, v] of Object.entries(result.transports)) console.log(`  ${k.padEnd(9)} ${line(v)}`);
   console.log(`memcpy: ${result.memcpyGbps.toFixed(2)} GB/s (single thread, 256 MiB working set)`);
+  console.log(`tcp loopback: ${result.tcpLoopbackGbps.toFixed(2)} GB/s (raw sockets, one connection, 1 MiB sends)`);
 }
 
 /** Runs the CLI with `argv` (without node and script). Returns the exit code. */

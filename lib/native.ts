@@ -121,8 +121,8 @@ export interface NativeBinding {
   linkSchedule(spec: NativeLinkSpec, sizes: number[]): Float64Array;
   /** HMAC-SHA256 as the data connections compute it (checked against node:crypto by the tests). */
   hmacSha256(key: ArrayBufferView, message: ArrayBufferView): Buffer;
-  /** Raw loopback socket pump: GB/s over `connections` connections moving `blockBytes` pieces. */
-  tcpPump(connections: number, blockBytes: number, workingSetBytes: number, millis: number): number;
+  /** Raw loopback socket pump: GB/s over `connections` connections moving `blockBytes` pieces from `src` into `dst`. */
+  tcpPump(connections: number, blockBytes: number, src: ArrayBufferView, dst: ArrayBufferView, millis: number): number;
   wireVersion: number;
   napiVersion: number;
 }

@@ -1,6 +1,6 @@
 /**
- * What this host offers: device backends, transports, and the memcpy bandwidth
- * every transfer figure should be read against.
+ * What this host offers: device backends, transports, and the memcpy and loopback
+ * TCP bandwidths every transfer figure should be read against.
  *
  * Vendor backends (acl, cuda, hccl, mooncake) are looked up here for real: their
  * libraries are opened with dlopen (EPD_TRANSFER_<X>_LIB overrides the file) and
@@ -37,6 +37,8 @@ export interface ProbeResult {
   transports: { shm: BackendStatus; tcp: BackendStatus; mooncake: BackendStatus; hccl: BackendStatus };
   /** Single-thread memcpy over a DRAM-sized working set, GB/s (1e9 B/s). */
   memcpyGbps: number;
+  /** Raw loopback TCP, one connection, 1 MiB sends, GB/s: the ceiling of the tcp transport here. */
+  tcpLoopbackGbps: number;
 }
 
 function fromNative(s: NativeVendorStatus): BackendStatus {
@@ -57,7 +59,14 @@ export function measureMemcpyGbps(workingSetBytes = 256 << 20, blockBytes = 1 <<
   return native.memcpyBandwidth(dst, src, blockBytes, millis);
 }
 
-/** Probes this host. Takes about half a second (the memcpy measurement). */
+/** Raw loopback TCP over `connections` connections moving 1 MiB pieces through 64 MiB buffers, GB/s. */
+export function measureTcpLoopbackGbps(connections = 1, millis = 300): number {
+  const src = Buffer.allocUnsafeSlow(64 << 20).fill(1);
+  const dst = Buffer.allocUnsafeSlow(64 << 20).fill(2);
+  return native.tcpPump(connections, 1 << 20, src, dst, millis);
+}
+
+/** Probes this host. Takes about a second (the memcpy and loopback measurements). */
 export function probe(options: { memcpyBytes?: number; millis?: number } = {}): ProbeResult {
   const vendor = vendorBackends();
   return {
@@ -69,5 +78,6 @@ export function probe(options: { memcpyBytes?: number; millis?: number } = {}): 
       hccl: vendor.hccl,
     },
     memcpyGbps: measureMemcpyGbps(options.memcpyBytes, 1 << 20, options.millis),
+    tcpLoopbackGbps: measureTcpLoopbackGbps(1, options.millis),
   };
 }

@@ -1,14 +1,15 @@
 // tcpPump(): the reference the tcp bench prints beside its figure — the most a
 // TCP transport can get on this host. Raw loopback sockets, no protocol: `n`
-// connections, each with a sender thread that sends `block`-sized pieces from a
-// working set and a receiver thread that receives them into another, both as large
-// as the bench's regions so the copies are DRAM-bound like the real ones.
+// connections, each with a sender thread that sends `block`-sized pieces from the
+// source buffer and a receiver thread that receives them into the target buffer
+// (the bench passes its regions, so the copies are DRAM-bound like the real ones).
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -40,7 +41,7 @@ Status Pair(int listener, const sockaddr_in& addr, int* client, int* server) {
   return Status::Ok();
 }
 
-Status Pump(int n, size_t block, size_t working_set, int millis, double* gbps) {
+Status Pump(int n, size_t block, uint8_t* src, uint8_t* dst, size_t working_set, int millis, double* gbps) {
   int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (listener < 0) return Status::FromErrno("socket");
   sockaddr_in addr = {};
@@ -57,8 +58,7 @@ Status Pump(int n, size_t block, size_t working_set, int millis, double* gbps) {
   Status st = Status::Ok();
   for (int i = 0; i < n && st.ok(); ++i) st = Pair(listener, addr, &clients[i], &servers[i]);
   close(listener);
-  const size_t slots = std::max<size_t>(1, working_set / block);
-  std::vector<uint8_t> src(slots * block, 1), dst(slots * block, 2);  // touched: no page faults in the run
+  const size_t slots = working_set / block;
   std::atomic<bool> stop{false};
   std::atomic<uint64_t> received{0};
   std::vector<std::thread> threads;
@@ -66,7 +66,7 @@ Status Pump(int n, size_t block, size_t working_set, int millis, double* gbps) {
     for (int i = 0; i < n; ++i) {
       threads.emplace_back([&, i] {
         for (size_t s = static_cast<size_t>(i); !stop.load(std::memory_order_relaxed); s = (s + n) % slots) {
-          const uint8_t* p = src.data() + s * block;
+          const uint8_t* p = src + s * block;
           for (size_t off = 0; off < block;) {
             ssize_t r = send(clients[i], p + off, block - off, MSG_NOSIGNAL);
             if (r <= 0) return;
@@ -76,7 +76,7 @@ Status Pump(int n, size_t block, size_t working_set, int millis, double* gbps) {
       });
       threads.emplace_back([&, i] {
         for (size_t s = static_cast<size_t>(i);; s = (s + n) % slots) {
-          ssize_t r = recv(servers[i], dst.data() + s * block, block, MSG_WAITALL);
+          ssize_t r = recv(servers[i], dst + s * block, block, MSG_WAITALL);
           if (r <= 0) return;
           received.fetch_add(static_cast<uint64_t>(r), std::memory_order_relaxed);
         }
@@ -102,17 +102,24 @@ Status Pump(int n, size_t block, size_t working_set, int millis, double* gbps) {
 
 }  // namespace
 
-// tcpPump(connections, blockBytes, workingSetBytes, millis) -> GB/s (1e9 B/s).
+// tcpPump(connections, blockBytes, src, dst, millis) -> GB/s (1e9 B/s). Blocks the
+// calling thread for about `millis` + 100 ms, like memcpyBandwidth.
 Napi::Value TcpPump(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   uint64_t n = ArgIndex(info, 0, "connections");
   uint64_t block = ArgIndex(info, 1, "blockBytes");
-  uint64_t working = ArgIndex(info, 2, "workingSetBytes");
-  uint64_t millis = ArgIndex(info, 3, "millis");
-  if (n < 1 || n > 16 || block < 1 || millis < 10) Throw(env, Code::kBadArgument, "tcpPump(1..16, block, set, >=10 ms)");
+  uint8_t *src = nullptr, *dst = nullptr;
+  size_t src_len = 0, dst_len = 0;
+  if (info.Length() < 5 || !BytesOf(info[2], &src, &src_len) || !BytesOf(info[3], &dst, &dst_len)) {
+    Throw(env, Code::kBadArgument, "tcpPump(connections, blockBytes, src, dst, millis)");
+  }
+  uint64_t millis = ArgIndex(info, 4, "millis");
+  const size_t working = std::min(src_len, dst_len);
+  if (n < 1 || n > 16 || block < 1 || block > working || millis < 10) {
+    Throw(env, Code::kBadArgument, "tcpPump: 1..16 connections, 0 < block <= buffer size, millis >= 10");
+  }
   double gbps = 0;
-  Check(env, Pump(static_cast<int>(n), static_cast<size_t>(block), static_cast<size_t>(working), static_cast<int>(millis),
-                  &gbps));
+  Check(env, Pump(static_cast<int>(n), static_cast<size_t>(block), src, dst, working, static_cast<int>(millis), &gbps));
   return Napi::Number::New(env, gbps);
 }
 

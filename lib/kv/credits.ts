@@ -5,6 +5,7 @@
  */
 import { TransferError } from '../errors.js';
 
+/** Byte credits of one sender towards one receiver (see the module comment). */
 export class CreditGate {
   private available: number;
   private readonly waiters: Array<{ bytes: number; resolve(): void; reject(err: Error): void }> = [];

@@ -168,10 +168,12 @@ export class KvLayout {
     return new KvLayout({ blockSize: o.blockSize, numBlocks: o.numBlocks, layers });
   }
 
+  /** Number of layers. */
   get numLayers(): number {
     return this.layers.length;
   }
 
+  /** Tensors in each layer (2 for GQA's K and V, and for MLA's two caches). */
   get tensorsPerLayer(): number {
     return this.layers[0].length;
   }

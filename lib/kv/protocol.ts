@@ -116,15 +116,17 @@ export class KvRequestError extends TransferError {
   }
 }
 
-const KNOWN_CODES = new Set<string>([
-  'ERR_BAD_ARGUMENT', 'ERR_OUT_OF_RANGE', 'ERR_UNKNOWN_REGION', 'ERR_UNKNOWN_PEER', 'ERR_CLOSED', 'ERR_ABORTED', 'ERR_TIMEOUT',
-  'ERR_PEER_LOST', 'ERR_REGION_FREED', 'ERR_NOT_SHAREABLE', 'ERR_BACKEND_UNAVAILABLE', 'ERR_PROTOCOL_VERSION', 'ERR_PROTOCOL',
-  'ERR_CONNECT', 'ERR_NO_HANDLER', 'ERR_REMOTE', 'ERR_SYSTEM', 'ERR_INTEGRITY',
-]);
+// Every ErrorCode (the Record type makes the compiler insist on all of them).
+const KNOWN_CODES: Readonly<Record<ErrorCode, true>> = {
+  ERR_BAD_ARGUMENT: true, ERR_OUT_OF_RANGE: true, ERR_UNKNOWN_REGION: true, ERR_UNKNOWN_PEER: true, ERR_CLOSED: true,
+  ERR_ABORTED: true, ERR_TIMEOUT: true, ERR_PEER_LOST: true, ERR_REGION_FREED: true, ERR_NOT_SHAREABLE: true,
+  ERR_BACKEND_UNAVAILABLE: true, ERR_PROTOCOL_VERSION: true, ERR_PROTOCOL: true, ERR_CONNECT: true, ERR_NO_HANDLER: true,
+  ERR_REMOTE: true, ERR_AUTH: true, ERR_INTEGRITY: true, ERR_SYSTEM: true,
+};
 
 /** A code received from a peer, kept if known, else ERR_REMOTE. */
 export function remoteCode(code: unknown): ErrorCode {
-  return typeof code === 'string' && KNOWN_CODES.has(code) ? (code as ErrorCode) : 'ERR_REMOTE';
+  return typeof code === 'string' && Object.prototype.hasOwnProperty.call(KNOWN_CODES, code) ? (code as ErrorCode) : 'ERR_REMOTE';
 }
 
 /** The code and message of any error (TransferError or not). */

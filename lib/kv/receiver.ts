@@ -270,6 +270,7 @@ export class LayerwiseReceiver extends EventEmitter {
     if (req && req.status === 'pending') this.failRequest(req, 'ERR_ABORTED', reason);
   }
 
+  /** Counters (cheap to read). */
   get stats(): LayerwiseReceiverStats {
     let pending = 0;
     for (const r of this.requests.values()) if (r.status === 'pending') pending++;

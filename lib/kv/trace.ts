@@ -103,6 +103,7 @@ export class KvTracer {
     return this.dropped;
   }
 
+  /** Drops every event recorded so far. */
   clear(): void {
     this.list.length = 0;
     this.dropped = 0;
@@ -115,7 +116,8 @@ export class KvTracer {
   summary(requestId?: string): KvLayerSummary[] {
     const events = requestId === undefined ? this.list : this.list.filter((e) => e.requests.includes(requestId));
     if (events.length === 0) return [];
-    const t0 = Math.min(...events.map((e) => e.ts));
+    let t0 = Infinity;
+    for (const e of events) t0 = Math.min(t0, e.ts);
     const ms = (ts: number) => (ts - t0) / 1000;
     const layers = new Map<number, KvLayerSummary>();
     const starts = new Map<number, number>();

@@ -41,7 +41,7 @@ export const PROXY_USAGE = `  proxy [options]                EPD load-balancing 
 export const BENCH_PROXY_USAGE = `  bench proxy [options]          latency the proxy adds, next to the same load sent straight to a worker
       --rate <req/s>             open-loop request rate per phase (500)
       --duration <t>             length of one measured phase (3s)
-      --runs <n>                 measured runs (alternating direct / proxied), median reported (3)
+      --runs <n>                 measured runs (direct and proxied interleaved), median reported (3)
       --stream                   SSE answers instead of JSON
       --concurrency <n>          requests in flight for the capacity figure (32)
       --json                     one JSON object instead of the table

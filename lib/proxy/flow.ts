@@ -49,6 +49,7 @@ export interface RequestTrace {
   path?: 'p-d' | 'pd';
   start: number;
   end: number;
+  /** HTTP status of the answer; for a failure after the first byte, the status of that failure; 499 when the client left. */
   status: number;
   error?: { code: string; message: string };
   encode?: { start: number; end: number; items: number; encoded: number; cacheHits: number; coalesced: number; instances: string[] };
@@ -76,6 +77,9 @@ export interface FlowContext {
 export function now(): number {
   return performance.timeOrigin + performance.now();
 }
+
+/** Reason of an attempt's scope when the attempt is over (one object: no stack captured per request). */
+const ATTEMPT_ENDED = new ProxyError('the decode attempt ended', 'ERR_ABORTED', { status: 499 });
 
 function noInstance(role: Role): ProxyError {
   return new ProxyError(`no ${role} instance is available`, 'ERR_BACKEND_UNAVAILABLE', { status: 503, type: 'service_unavailable' });
@@ -291,7 +295,7 @@ function recordEncoded(ctx: FlowContext, item: MediaItem, encoder: Instance, raw
 async function relay(ctx: FlowContext, res: OpenResponse, client: ServerResponse, writer: StreamWriter, plan: RequestPlan, from: Instance, signal: AbortSignal, trace: RequestTrace): Promise<void> {
   if (!plan.stream) {
     // Read whole, so a failure anywhere in the body can still go to another instance.
-    const raw = await readBody(res.body, ctx.maxResponseBytes, from, signal);
+    const raw = await readBody(res.body, ctx.maxResponseBytes, from, signal, res.contentLength);
     if (trace.decode) trace.decode.firstByte = now();
     sendRaw(client, 200, res.contentType, raw);
     return;
@@ -329,21 +333,19 @@ export async function forwardPd(ctx: FlowContext, plan: RequestPlan, requestId: 
     const pd = lease.instance;
     const hopId = attempt === 0 ? requestId : `${requestId}:r${attempt}`;
     trace.decode = { start: now(), instance: pd.url };
-    // Ending the scope on every path releases the upstream connection even if relaying stopped early.
-    const scope = deadline(signal, undefined, () => 'pd');
+    let res: OpenResponse | undefined;
     try {
-      const res = await ctx.upstream.post(pd, ENDPOINT_PATHS[plan.endpoint], body, {
+      res = await ctx.upstream.post(pd, ENDPOINT_PATHS[plan.endpoint], body, {
         requestId: hopId,
-        signal: scope.signal,
+        signal,
         headersTimeoutMs: ctx.timeouts.responseMs,
         idleTimeoutMs: ctx.timeouts.idleMs,
       });
-      await relay(ctx, res, client, writer, plan, pd, scope.signal, trace);
+      await relay(ctx, res, client, writer, plan, pd, signal, trace);
     } catch (err) {
-      throw upstreamError(err, pd, scope.signal);
-    } finally {
-      scope.abort(new ProxyError('the pd attempt ended', 'ERR_ABORTED', { status: 499 }));
-      scope.done();
+      // Relaying may have stopped early: release the upstream connection now.
+      res?.body.destroy();
+      throw upstreamError(err, pd, signal);
     }
   });
 }
@@ -391,7 +393,8 @@ export async function decodeFirst(ctx: FlowContext, plan: RequestPlan, requestId
       throw upstreamError(err, d, attemptScope.signal);
     } finally {
       close();
-      attemptScope.abort(new ProxyError('the decode attempt ended', 'ERR_ABORTED', { status: 499 }));
+      // Cancels a prefill still running for this attempt (after a success it has finished: a no-op).
+      attemptScope.abort(ATTEMPT_ENDED);
       attemptScope.done();
     }
   });

@@ -78,23 +78,42 @@ export class StreamWriter {
   }
 }
 
-/** Reads a request body up to `limit` bytes. */
-export async function readRequestBody(req: IncomingMessage, limit: number, signal: AbortSignal): Promise<Buffer> {
+/** Reads a request body up to `limit` bytes (events rather than an async iterator: this runs for every request). */
+export function readRequestBody(req: IncomingMessage, limit: number, signal: AbortSignal): Promise<Buffer> {
   const declared = Number(req.headers['content-length']);
-  if (Number.isFinite(declared) && declared > limit) throw tooLarge(limit);
-  const chunks: Buffer[] = [];
-  let size = 0;
-  try {
-    for await (const chunk of req as AsyncIterable<Buffer>) {
+  if (Number.isFinite(declared) && declared > limit) return Promise.reject(tooLarge(limit));
+  return new Promise<Buffer>((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    const cleanup = () => {
+      req.off('data', onData);
+      req.off('end', onEnd);
+      req.off('error', onError);
+      req.off('aborted', onError);
+    };
+    const onData = (chunk: Buffer) => {
       size += chunk.length;
-      if (size > limit) throw tooLarge(limit);
+      if (size > limit) {
+        cleanup();
+        req.resume(); // let the rest drain; the 413 closes the connection
+        reject(tooLarge(limit));
+        return;
+      }
       chunks.push(chunk);
-    }
-  } catch (err) {
-    if (err instanceof ProxyError) throw err;
-    throw signal.aborted ? asProxyError(signal.reason) : clientGone();
-  }
-  return Buffer.concat(chunks, size);
+    };
+    const onEnd = () => {
+      cleanup();
+      resolve(chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, size));
+    };
+    const onError = () => {
+      cleanup();
+      reject(signal.aborted ? asProxyError(signal.reason) : clientGone());
+    };
+    req.on('data', onData);
+    req.on('end', onEnd);
+    req.on('error', onError);
+    req.on('aborted', onError);
+  });
 }
 
 function tooLarge(limit: number): ProxyError {

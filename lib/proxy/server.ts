@@ -334,7 +334,8 @@ export class EpdProxy {
       trace.status = res.statusCode;
     } catch (e) {
       const err = client.signal.aborted ? asProxyError(client.signal.reason) : asProxyError(e);
-      trace.status = client.signal.aborted ? 499 : res.headersSent ? res.statusCode : err.status;
+      // A failure after the first byte still counts as that failure (the client saw 200 and then an error).
+      trace.status = client.signal.aborted ? 499 : err.status;
       trace.error = { code: err.code, message: err.message };
       sendError(res, err, writer.atEventBoundary);
     } finally {

@@ -75,6 +75,8 @@ describe('retry before the first byte', () => {
     expect(err).toBeInstanceOf(OpenAI.APIError);
     expect(err.message).toMatch(/closed the connection/);
     expect(d1.log.length + d2.log.length).toBe(1);
+    // Counted as the failure it was, although the client had seen a 200.
+    expect(await (await fetch(`${px.url}/metrics`)).text()).toMatch(/epd_proxy_requests_total\{endpoint="chat",route="text",path="p-d",status="502"\} 1/);
     await expectNoLoad(px);
   });
 

@@ -3,6 +3,8 @@
 // descriptor) surface as the errors a real link would cause.
 import { afterEach, describe, expect, it } from 'vitest';
 import { linkSchedule, TransferEngine, TransferError, type Peer, type Region } from '../../lib/index.js';
+import { sha256 } from '../fixtures/pattern.mjs';
+import { startTcpPeer, stopTcpPeers } from './util.js';
 
 const MiB = 1 << 20;
 let engines: TransferEngine[] = [];
@@ -16,6 +18,7 @@ async function open(options?: Parameters<typeof TransferEngine.open>[0]): Promis
 afterEach(async () => {
   await Promise.all(engines.map((e) => e.close()));
   engines = [];
+  await stopTcpPeers();
 });
 
 function fill(region: Region, seed: number): void {
@@ -136,5 +139,39 @@ describe('link emulation over shm', () => {
     const closed = engine.close({ timeoutMs: 50 });
     expect((await errorOf(p)).code).toBe('ERR_CLOSED');
     await closed;
+  });
+});
+
+describe('link emulation over tcp', () => {
+  it('paces tcp writes to within 10% of the set bandwidth, byte-exact', async () => {
+    const target = await startTcpPeer({ regions: [64 * MiB] });
+    const engine = await open({ listen: false });
+    const src = engine.allocate(64 * MiB);
+    fill(src, 9);
+    const bandwidth = 250e6;
+    const peer = await engine.connect(target.address, { transport: 'tcp', link: { bandwidth, latency: '50us', jitter: '10us', seed: 5 } });
+    const start = performance.now();
+    await engine.write(peer, [{ localRegion: src, localOffset: 0, remoteRegion: target.regions[0], remoteOffset: 0, length: 64 * MiB }]);
+    const rate = (64 * MiB) / ((performance.now() - start) / 1000);
+    expect(rate / bandwidth).toBeGreaterThan(0.9);
+    expect(rate / bandwidth).toBeLessThan(1.1);
+    expect(await target.call('hash', { region: target.regions[0] })).toBe(sha256(src.buffer!));
+  });
+
+  it('drops the real tcp connections after N bytes: the target sees them close', async () => {
+    const target = await startTcpPeer({ regions: [16 * MiB] });
+    const engine = await open({ listen: false });
+    const src = engine.allocate(16 * MiB);
+    fill(src, 4);
+    const peer = await engine.connect(target.address, { transport: 'tcp', link: { faults: { dropAfterBytes: 3 * MiB } } });
+    const err = await errorOf(engine.write(peer, [{ localRegion: src, localOffset: 0, remoteRegion: target.regions[0], remoteOffset: 0, length: 16 * MiB }]));
+    expect(err.code).toBe('ERR_PEER_LOST');
+    expect(err.bytesMoved).toBe(3 * MiB);
+    expect(await target.call('hash', { region: target.regions[0], length: 3 * MiB })).toBe(sha256(src.buffer!, 0, 3 * MiB));
+    const deadline = Date.now() + 10_000;
+    while ((await target.call<{ tcp: { serverConnections: number } }>('resources')).tcp.serverConnections !== 0) {
+      if (Date.now() > deadline) throw new Error('the target kept the dropped connections');
+      await new Promise((r) => setTimeout(r, 20));
+    }
   });
 });
