@@ -46,24 +46,26 @@ export async function registerCommand(args: string[]): Promise<number> {
     throw new TransferError(`Expected one of ${INSTANCE_ROLES.join(', ')} for --role but received ${JSON.stringify(values.role ?? '')}`, 'ERR_BAD_ARGUMENT');
   }
   if (!values.url) throw new TransferError('--url is required (the instance base URL)', 'ERR_BAD_ARGUMENT');
-  const registration = await registerInstance(
-    metadataUrl(values.metadata),
-    { role: values.role as InstanceRole, url: values.url, model: values.model, engine: values.engine },
-    { ttlSeconds: expectInteger(Number(values['lease-ttl']), '--lease-ttl', 2, 3600) },
-  );
+  // Signals are caught from the start: a SIGTERM during registration still deregisters.
+  let stop!: (signal: string) => void;
+  const stopped = new Promise<string>((resolve) => (stop = resolve));
+  process.on('SIGINT', stop);
+  process.on('SIGTERM', stop);
   const log = (m: string) => console.error(`${new Date().toISOString()} epd-register ${m}`);
-  log(`registered ${registration.record.role} ${registration.record.url} on ${registration.session.endpoints}`);
-  registration.session.onStatus((s) => log(`etcd session ${s.state}${s.error ? `: ${s.error.message}` : ''}`));
-  await new Promise<void>((resolve) => {
-    const stop = (signal: string) => {
-      process.off('SIGINT', stop);
-      process.off('SIGTERM', stop);
-      log(`${signal}: deregistering`);
-      void registration.close().then(resolve, resolve);
-    };
-    process.on('SIGINT', stop);
-    process.on('SIGTERM', stop);
-  });
+  try {
+    const registration = await registerInstance(
+      metadataUrl(values.metadata),
+      { role: values.role as InstanceRole, url: values.url, model: values.model, engine: values.engine },
+      { ttlSeconds: expectInteger(Number(values['lease-ttl']), '--lease-ttl', 2, 3600) },
+    );
+    log(`registered ${registration.record.role} ${registration.record.url} on ${registration.session.endpoints}`);
+    registration.session.onStatus((s) => log(`etcd session ${s.state}${s.error ? `: ${s.error.message}` : ''}`));
+    log(`${await stopped}: deregistering`);
+    await registration.close();
+  } finally {
+    process.off('SIGINT', stop);
+    process.off('SIGTERM', stop);
+  }
   return 0;
 }
 

@@ -6,7 +6,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { registerInstance, type InstanceRegistration } from '../../lib/meta/registry.js';
 import type { EpdProxy } from '../../lib/proxy/index.js';
 import { noEtcd, uniquePrefix, useEtcd } from '../meta/etcd-helpers.js';
-import { client, collectChat, expectNoLoad, proxy, waitFor, worker, type FakeWorker } from './helpers.js';
+import { cli, client, collectChat, expectNoLoad, proxy, waitFor, worker, type FakeWorker } from './helpers.js';
 
 const etcd = useEtcd();
 const registrations: InstanceRegistration[] = [];
@@ -50,6 +50,21 @@ describe.skipIf(noEtcd)('proxy cluster', () => {
     for (const x of [a, b]) await waitFor(() => !x.instances().some((i) => i.url === d1.url), 'the removed instance to be drained');
     await expectNoLoad(a);
     await expectNoLoad(b);
+  });
+
+  it("'epd-transfer register' keeps an instance registered until SIGTERM; proxies follow it", async () => {
+    const prefix = uniquePrefix();
+    const a = await clusterProxy(prefix);
+    const pd = await worker({ role: 'pd' });
+    const sidecar = cli(['register', '--metadata', `${etcd.url}/${prefix.replace(/\/$/, '')}`, '--role', 'pd', '--url', pd.url, '--lease-ttl', '2']);
+    try {
+      await waitFor(() => routable(a, 'pd') === 1, 'the registered instance');
+      sidecar.child.kill('SIGTERM');
+      expect((await sidecar.exited).code).toBe(0);
+      await waitFor(() => a.instances().length === 0, 'the instance to leave');
+    } finally {
+      sidecar.child.kill('SIGKILL');
+    }
   });
 
   it('a proxy started with a model uses only instances of that model', async () => {
