@@ -45,6 +45,13 @@ Commands:
       --integrity                checksum every layer, verified by decode
       --trace <file>             write a Chrome trace (prefill + decode) of the last run
       --json                     one JSON object instead of the table
+  bench metadata [options]       etcd: lease-expiry detection and shared-load staleness, real etcd
+      --metadata <etcd://h:p>    etcd to use (default: a private etcd-server for the run)
+      --ttl <s,s>                lease TTLs to time a kill -9 against (2,5)
+      --runs <n>                 kills per TTL (5)
+      --sync <ms,ms>             proxy loadSyncMs values to measure staleness for (0,20,50)
+      --changes <n>              load changes per loadSyncMs (400)
+      --json                     one JSON object instead of the table
 ${BENCH_PROXY_USAGE}${PROXY_USAGE}${META_USAGE}  shm-gc                         remove shared memory left by crashed engines
 `;
 
@@ -84,6 +91,31 @@ async function benchTransfer(args: string[]): Promise<void> {
   });
   if (values.json) console.log(JSON.stringify(result));
   else printTransferResult(result);
+}
+
+async function benchMetadata(args: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args,
+    options: {
+      metadata: { type: 'string' },
+      ttl: { type: 'string', default: '2,5' },
+      runs: { type: 'string', default: '5' },
+      sync: { type: 'string', default: '0,20,50' },
+      changes: { type: 'string', default: '400' },
+      json: { type: 'boolean', default: false },
+    },
+  });
+  const list = (v: string, name: string, min: number, max: number) => v.split(',').map((x) => expectInteger(Number(x), name, min, max));
+  const { runMetadataBench, printMetadataResult } = await import('../bench/metadata.js');
+  const result = await runMetadataBench({
+    metadata: values.metadata,
+    ttls: list(values.ttl, '--ttl', 2, 60),
+    runs: expectInteger(Number(values.runs), '--runs', 1, 100),
+    syncs: list(values.sync, '--sync', 0, 10_000),
+    changes: expectInteger(Number(values.changes), '--changes', 10, 100_000),
+  });
+  if (values.json) console.log(JSON.stringify(result));
+  else printMetadataResult(result);
 }
 
 async function benchLayerwise(args: string[]): Promise<void> {
@@ -160,6 +192,10 @@ export async function main(argv: string[]): Promise<number> {
           return 0;
         }
         if (what === 'proxy') return await benchProxyCommand(args);
+        if (what === 'metadata') {
+          await benchMetadata(args);
+          return 0;
+        }
         console.error(`unknown bench '${what ?? ''}'\n\n${USAGE}`);
         return 2;
       }
