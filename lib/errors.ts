@@ -32,6 +32,10 @@ export type ErrorCode =
   | 'ERR_NAME_IN_USE'
   /** This process's etcd lease expired or was revoked: what it published is gone until it is re-published. */
   | 'ERR_LEASE_LOST'
+  /** A store is full of entries it may not evict (pinned, being written), or an item exceeds its capacity. */
+  | 'ERR_CAPACITY'
+  /** A named resource (e.g. an encoder-cache store opened without a capacity) does not exist. */
+  | 'ERR_NOT_FOUND'
   | 'ERR_SYSTEM';
 
 /** An error with a machine-readable {@link ErrorCode}. Also constructed by the native addon. */

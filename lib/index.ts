@@ -89,3 +89,4 @@ export { registerInstance, watchInstances, listInstances, INSTANCE_ROLES } from 
 export type { InstanceRecord, InstanceRole, InstanceRegistration, RegisterOptions } from './meta/registry.js';
 export { startEtcdServer, findEtcdBinary } from './meta/etcd-server.js';
 export type { EtcdServer, EtcdServerOptions } from './meta/etcd-server.js';
+export * from './ec/index.js';

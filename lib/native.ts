@@ -27,11 +27,17 @@ export interface NativeRegionSpec {
   offset?: number;
   /** Device IPC key (device regions). */
   ipcKey?: string;
+  /** The region's address in the peer, hex (engines opened with mooncake). */
+  addr?: string;
 }
 
 /** How the engine reaches one peer (lib/engine.ts builds it). */
 export interface NativePeerOptions {
-  transport: 'shm' | 'tcp';
+  transport: 'shm' | 'tcp' | 'mooncake' | 'hccl';
+  /** mooncake: the peer's segment name. */
+  mooncake?: { segment: string };
+  /** hccl: the joined communicator, and whether this side initiates (holds batches until released). */
+  hccl?: { link: number; initiator: boolean };
   link?: NativeLinkSpec;
   tcp?: { addresses: string[]; grant: Buffer; key: Buffer; connections: number; connectTimeoutMs: number };
 }
@@ -93,6 +99,18 @@ export interface NativeEngine {
   deviceIpcProcessId(): number;
   /** Lets process `pid` import `key` ('' = every key this device exported or will export). */
   deviceIpcAllow(key: string, pid: number): void;
+  /** Creates this engine's Mooncake engine; returns its segment name. */
+  mooncakeStart(options: { metadata: string; hostname: string; rpcPort: number; protocol: string; nicPriorityMatrix: string }): string;
+  /** Creates the hccl transport now (fails where HCCL cannot run). */
+  hcclEnable(): void;
+  /** HcclGetRootInfo: the 4108-byte blob the other rank joins with. */
+  hcclRootInfo(): Buffer;
+  /** Joins a two-rank communicator off the JS thread; resolves with a link id for addPeer. */
+  hcclJoin(rootInfo: Uint8Array, rank: 0 | 1): Promise<number>;
+  /** Posts a batch held for an initiating hccl peer. */
+  hcclRelease(batchId: number): void;
+  /** Drops a joined link no peer took. */
+  hcclDiscard(link: number): void;
 }
 
 /** What one vendor backend found on this host (see docs/VENDOR.md). */
@@ -110,7 +128,72 @@ export interface NativeVendorStatus {
   batchSendRecv?: boolean;
 }
 
+/** Options of `new NativeEcStore(name, options)`; a capacity creates the store when it does not exist. */
+export interface NativeEcStoreOptions {
+  capacity?: number;
+  maxEntries?: number;
+  alignment?: number;
+  maxProcesses?: number;
+  maxPinsPerProcess?: number;
+  lockTimeoutMs?: number;
+  prefault?: boolean;
+}
+
+/** One attached handle on a shared encoder-cache store (native/ec_binding.cc). */
+export interface NativeEcStore {
+  /** Window k of the arena: bytes [k GiB, k GiB + 4 GiB), clipped at its end. */
+  arena(window: number): ArrayBuffer;
+  has(key: string): boolean;
+  stat(key: string): { size: number; meta: string } | null;
+  reserve(key: string, size: number, meta: string): { ticket: number; offset: number } | 'exists' | 'busy';
+  write(ticket: number, offset: number, source: ArrayBufferView | ArrayBuffer): Promise<void>;
+  commit(ticket: number): void;
+  abort(ticket: number): void;
+  acquire(key: string): { ticket: number; offset: number; size: number; meta: string } | null;
+  release(ticket: number): void;
+  load(key: string, target: ArrayBufferView | ArrayBuffer, targetOffset: number): Promise<{ size: number; meta: string }> | null;
+  delete(key: string): boolean;
+  keys(): string[];
+  stats(): NativeEcStats;
+  info(): NativeEcInfo;
+  recover(): number;
+  close(): void;
+  /** Test hook (only with EPD_TRANSFER_EC_TEST_HOOKS=1): takes the index lock, prints "LOCKED", never returns. */
+  holdLockForTest?(): never;
+}
+
+export interface NativeEcStats {
+  usedBytes: number;
+  entries: number;
+  writing: number;
+  pinned: number;
+  processes: number;
+  hits: number;
+  misses: number;
+  saves: number;
+  dedups: number;
+  evictions: number;
+  evictedBytes: number;
+  capacityErrors: number;
+  recoveries: number;
+  reapedProcesses: number;
+  reapedWrites: number;
+}
+
+export interface NativeEcInfo {
+  name: string;
+  object: string;
+  capacity: number;
+  alignment: number;
+  maxEntries: number;
+  maxProcesses: number;
+  maxPinsPerProcess: number;
+  totalBytes: number;
+}
+
 export interface NativeBinding {
+  NativeEcStore: new (name: string, options: NativeEcStoreOptions) => NativeEcStore;
+  reclaimStaleEcStores(): number;
   NativeEngine: new (options: { threads: number; chunkBytes: number; device?: string; deviceId?: number }) => NativeEngine;
   /** Loads (on first use) and reports each vendor backend. */
   vendorBackends(): { acl: NativeVendorStatus; cuda: NativeVendorStatus; hccl: NativeVendorStatus; mooncake: NativeVendorStatus };
@@ -121,7 +204,12 @@ export interface NativeBinding {
   linkSchedule(spec: NativeLinkSpec, sizes: number[]): Float64Array;
   /** HMAC-SHA256 as the data connections compute it (checked against node:crypto by the tests). */
   hmacSha256(key: ArrayBufferView, message: ArrayBufferView): Buffer;
-  /** Raw loopback socket pump: GB/s over `connections` connections moving `blockBytes` pieces from `src` into `dst`. */
+  /** Receiving end of a two-process loopback pump: drains `connections` connections into `dst`. */
+  tcpPumpReceiver(connections: number, blockBytes: number, dst: ArrayBufferView): { port: number; handle: object };
+  tcpPumpReceiverClose(handle: object): void;
+  /** Sending end: GB/s sent over `connections` connections to the receiver on `port`, `blockBytes` per send, from `src`. */
+  tcpPumpSend(port: number, connections: number, blockBytes: number, src: ArrayBufferView, millis: number): number;
+  /** Raw loopback socket pump in this process: GB/s over `connections` connections moving `blockBytes` pieces from `src` into `dst`. */
   tcpPump(connections: number, blockBytes: number, src: ArrayBufferView, dst: ArrayBufferView, millis: number): number;
   wireVersion: number;
   napiVersion: number;

@@ -8,27 +8,20 @@
  * closes (lease revoked), and when the holder dies or loses etcd for longer than the
  * TTL (lease expired) — a crashed host's embeddings stop being offered within the TTL.
  *
- * {@link EncoderCacheIndex} has the shape of lib/ec's `EncoderCacheDirectory`
- * (announce / withdraw / forget / locate), so `EncoderCacheHost.serve(engine, store,
- * { directory: EtcdEncoderCacheIndex.forEngine(engine) })` keeps etcd told. The index
- * is a hint: consumers verify by pulling, and withdraw stale answers.
+ * It implements lib/ec's `EncoderCacheDirectory` (announce / withdraw / forget /
+ * locate), so `EncoderCacheHost.serve(engine, store, { directory:
+ * EtcdEncoderCacheIndex.forEngine(engine) })` keeps etcd told and `EncoderCacheRemote`
+ * finds holders through it. The index is a hint: consumers verify by pulling, and
+ * withdraw stale answers.
  */
+import type { EncoderCacheDirectory } from '../ec/directory.js';
 import { TransferError } from '../errors.js';
 import { badArgument, expectString } from '../validate.js';
 import { EtcdSession, keyOf, keyParts, type EtcdOptions } from './etcd.js';
 import { EtcdMetadataStore, type MetadataStore } from './store.js';
 
-/** Which holders have which keys. The same shape as lib/ec's `EncoderCacheDirectory`. */
-export interface EncoderCacheIndex {
-  /** Records that `holder` has these keys. */
-  announce(holder: string, mmHashes: readonly string[]): Promise<void>;
-  /** Records that `holder` no longer has these keys (evicted, deleted). */
-  withdraw(holder: string, mmHashes: readonly string[]): Promise<void>;
-  /** Drops everything `holder` announced (it went away). */
-  forget(holder: string): Promise<void>;
-  /** Holders of `mmHash`, most recently announced first; empty when none. */
-  locate(mmHash: string): Promise<string[]>;
-}
+/** Which holders have which keys: lib/ec's directory contract, which this index implements in etcd. */
+export type EncoderCacheIndex = EncoderCacheDirectory;
 
 function expectKeys(value: unknown, name: string): readonly string[] {
   if (!Array.isArray(value)) badArgument(name, 'an array of mmHash strings', value);
@@ -39,7 +32,7 @@ function expectKeys(value: unknown, name: string): readonly string[] {
 }
 
 /** The encoder-cache index kept in etcd. See the module comment. */
-export class EtcdEncoderCacheIndex implements EncoderCacheIndex {
+export class EtcdEncoderCacheIndex implements EncoderCacheDirectory {
   private constructor(
     private readonly session: EtcdSession,
     private readonly ownsSession: boolean,

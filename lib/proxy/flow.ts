@@ -74,6 +74,7 @@ export interface FlowContext {
   encoding: Map<string, Promise<void>>;
 }
 
+/** Wall-clock time in ms with sub-millisecond precision (trace timestamps). */
 export function now(): number {
   return performance.timeOrigin + performance.now();
 }

@@ -51,7 +51,11 @@ export class StreamWriter {
   /** The last bytes written end an SSE event (so an error event can follow cleanly). */
   atEventBoundary = true;
 
-  constructor(private readonly res: ServerResponse) {}
+  constructor(
+    private readonly res: ServerResponse,
+    /** Longest wait for a client that stopped reading (ms); then the response is cut. */
+    private readonly drainTimeoutMs: number,
+  ) {}
 
   get started(): boolean {
     return this.res.headersSent;
@@ -66,10 +70,26 @@ export class StreamWriter {
     const len = chunk.length;
     if (len > 0) this.atEventBoundary = len >= 2 && chunk[len - 1] === 0x0a && chunk[len - 2] === 0x0a;
     if (res.write(chunk)) return;
+    // A client that keeps its connection open but stops reading would otherwise hold the
+    // upstream stream and its instance's load for ever.
+    const stalled = new AbortController();
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      stalled.abort();
+    }, this.drainTimeoutMs);
+    const onAbort = () => stalled.abort();
+    signal.addEventListener('abort', onAbort, { once: true });
     try {
-      await once(res, 'drain', { signal });
+      await once(res, 'drain', { signal: stalled.signal });
     } catch {
-      throw signal.aborted ? asProxyError(signal.reason) : clientGone();
+      if (signal.aborted) throw asProxyError(signal.reason);
+      if (!timedOut) throw clientGone();
+      res.destroy();
+      throw new ProxyError(`the client read nothing for ${this.drainTimeoutMs} ms`, 'ERR_TIMEOUT', { status: 499, type: 'client_closed_request' });
+    } finally {
+      clearTimeout(timer);
+      signal.removeEventListener('abort', onAbort);
     }
   }
 

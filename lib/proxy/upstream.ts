@@ -9,6 +9,7 @@ import { Agent, errors as undiciErrors } from 'undici';
 import { ProxyError, asProxyError } from './errors.js';
 import type { Instance } from './instances.js';
 
+/** Settings of the upstream HTTP client. */
 export interface UpstreamOptions {
   /** TCP connect deadline (ms). */
   connectTimeoutMs: number;
@@ -16,6 +17,7 @@ export interface UpstreamOptions {
   maxResponseBytes: number;
 }
 
+/** Per-call settings of an upstream POST. */
 export interface HopOptions {
   /** Sent as X-Request-Id. */
   requestId: string;
