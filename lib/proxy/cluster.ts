@@ -96,6 +96,7 @@ export class ProxyCluster {
   private flushTimer: NodeJS.Timeout | undefined;
   private flushing: Promise<void> | null = null;
   private lastFlush = 0;
+  private sharingFailed = false;
   private closed = false;
   private readonly staleness: number[] = [];
   private readonly stalenessHistogram: Histogram;
@@ -336,10 +337,16 @@ export class ProxyCluster {
     });
     this.flushing = this.session
       .putMany(changes)
+      .then(() => {
+        if (this.sharingFailed) this.host.log('sharing load through etcd again');
+        this.sharingFailed = false;
+      })
       .catch((err: TransferError) => {
         // Keep the oldest change time, so the next write reports its true age.
         for (const [i, at] of batch) if (!this.dirty.has(i)) this.dirty.set(i, at);
-        this.host.log('cannot share load through etcd', { error: err.message });
+        // Once per outage, not once per load change.
+        if (!this.sharingFailed) this.host.log('cannot share load through etcd (other proxies see this one\'s last shares until its lease expires)', { error: err.message });
+        this.sharingFailed = true;
       })
       .finally(() => {
         this.flushing = null;

@@ -1,6 +1,7 @@
 // The encoder-cache index in etcd: holders by mmHash, most recent first; entries
 // leave on withdraw (eviction), on close, and when the holder's lease is lost.
 import { afterEach, describe, expect, it } from 'vitest';
+import { EncoderCacheHost, EncoderCacheRemote, EncoderCacheStore } from '../../lib/index.js';
 import { EtcdEncoderCacheIndex } from '../../lib/meta/ec-index.js';
 import { closeEngines, expectCode, openEngine, stopPeers, waitFor } from '../helpers.js';
 import { noEtcd, uniquePrefix, useEtcd } from './etcd-helpers.js';
@@ -77,6 +78,35 @@ describe.skipIf(noEtcd)('encoder-cache index in etcd', () => {
     const session = (engine.metadata as unknown as { session: { dropLease(): Promise<void> } }).session;
     await session.dropLease();
     await waitFor(async () => (await reader.locate(h(7))).length === 1 && engine.metadata.state === 'live', 're-announced after the new lease');
+  });
+
+  it('with lib/ec: a host announces through etcd, a consumer elsewhere pulls by mmHash, eviction withdraws the entry', async () => {
+    const prefix = uniquePrefix();
+    const o = { metadata: etcd.url, metadataOptions: { prefix, ttlSeconds: 2 } };
+    const KiB = 1024;
+    const holderEngine = await openEngine({ ...o, name: `ec-holder-${process.pid}` });
+    const holderStore = await EncoderCacheStore.open({ name: `t-etcd-holder-${process.pid}`, capacity: 1024 * KiB, maxEntries: 256 });
+    const host = await EncoderCacheHost.serve(holderEngine, holderStore, { directory: EtcdEncoderCacheIndex.forEngine(holderEngine), syncIntervalMs: 50 });
+    const consumer = await openEngine({ ...o, name: `ec-consumer-${process.pid}` });
+    const reader = await index(prefix);
+    try {
+      const first = Buffer.alloc(400 * KiB, 0x11);
+      await holderStore.save(h(1), first);
+      await waitFor(async () => (await reader.locate(h(1))).length === 1, 'the holder to announce the key');
+      const remote = new EncoderCacheRemote(consumer, EtcdEncoderCacheIndex.forEngine(consumer));
+      const target = Buffer.alloc(first.length);
+      expect(await remote.fetch(h(1), target)).toMatchObject({ bytes: first.length, holder: host.address });
+      expect(target.equals(first)).toBe(true);
+      // Two more entries do not fit beside the first: the store evicts it, the host's sync withdraws it.
+      await holderStore.save(h(2), Buffer.alloc(400 * KiB, 0x22));
+      await holderStore.save(h(3), Buffer.alloc(400 * KiB, 0x33));
+      expect(holderStore.has(h(1))).toBe(false);
+      await waitFor(async () => (await reader.locate(h(1))).length === 0 && (await reader.locate(h(3))).length === 1, 'the evicted key to be withdrawn');
+      expect(await remote.fetch(h(1), target)).toBeNull();
+    } finally {
+      await host.close();
+      await holderStore.close();
+    }
   });
 
   it('bad arguments are ERR_BAD_ARGUMENT', async () => {

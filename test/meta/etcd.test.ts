@@ -44,7 +44,7 @@ describe.skipIf(noEtcd)('etcd metadata', () => {
     // SIGKILL: no close, no revoke; only the lease TTL can remove the record.
     const killedAt = Date.now();
     await killPeer(peer);
-    await waitFor(() => goneAt > 0, 'the record to expire', ttlSeconds * 1000 * 4);
+    await waitFor(() => goneAt > 0, 'the record to expire', ttlSeconds * 1000 * 8);
     const detectMs = goneAt - killedAt;
     console.info(`[lease expiry] TTL ${ttlSeconds} s: record of the killed engine deleted after ${detectMs} ms`);
     expect((await watcher.list('segments/')).entries).toHaveLength(0);

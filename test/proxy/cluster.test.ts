@@ -4,7 +4,7 @@
 // metaserver of a proxy that does not hold its request.
 import { afterEach, describe, expect, it } from 'vitest';
 import { registerInstance, type InstanceRegistration } from '../../lib/meta/registry.js';
-import type { EpdProxy } from '../../lib/proxy/index.js';
+import { EpdProxy } from '../../lib/proxy/index.js';
 import { noEtcd, uniquePrefix, useEtcd } from '../meta/etcd-helpers.js';
 import { cli, client, collectChat, expectNoLoad, proxy, waitFor, worker, type FakeWorker } from './helpers.js';
 
@@ -65,6 +65,14 @@ describe.skipIf(noEtcd)('proxy cluster', () => {
     } finally {
       sidecar.child.kill('SIGKILL');
     }
+  });
+
+  it('a proxy whose etcd does not answer fails to start with ERR_METADATA_UNAVAILABLE', async () => {
+    const err = await EpdProxy.start({ port: 0, cluster: { metadata: 'etcd://127.0.0.1:1', timeoutMs: 500 } }).then(
+      () => null,
+      (e: { code?: string }) => e,
+    );
+    expect(err?.code).toBe('ERR_METADATA_UNAVAILABLE');
   });
 
   it('a proxy started with a model uses only instances of that model', async () => {
