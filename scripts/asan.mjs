@@ -29,6 +29,8 @@ const NATIVE_TESTS = [
   'test/engine',
   'test/device',
   'test/build/native-smoke.test.ts',
+  // encoder-cache store: robust process-shared mutex, crash recovery, 4 GiB view windows.
+  'test/ec',
   // tcp transport and link emulator: sockets, threads and frame parsing in C++ (about a minute).
   'test/tcp/transfer.test.ts',
   'test/tcp/faults.test.ts',
