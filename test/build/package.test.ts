@@ -23,7 +23,10 @@ const hasPrebuild = existsSync(prebuildDir) && readdirSync(prebuildDir).some((f)
 const skip = !hasPrebuild && process.env.EPD_REQUIRE_PREBUILD !== '1';
 if (skip) console.warn('SKIPPED package tests: no prebuild in prebuilds/ (run `npm run prebuild`)');
 
-const npmCli = path.join(path.dirname(path.dirname(process.execPath)), 'lib/node_modules/npm/bin/npm-cli.js');
+// npm's own entry point, run with node (the `npm` wrapper is a shell script, and the bare PATH below has no shell but sh).
+const npmCli = [process.env.npm_execpath, path.join(path.dirname(path.dirname(process.execPath)), 'lib/node_modules/npm/bin/npm-cli.js')].find(
+  (p): p is string => p !== undefined && /npm-cli\.js$/.test(p) && existsSync(p),
+) ?? 'npm-cli.js (not found)';
 const pkg = JSON.parse(readFileSync(path.join(root, 'package.json'), 'utf8')) as { name: string; version: string; dependencies: Record<string, string>; bin: unknown; engines: unknown };
 
 let work = '';
