@@ -5,7 +5,7 @@
  * (docs/DEPLOYMENT.md); nothing here stands in for one.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { accessSync, constants, mkdtempSync, rmSync } from 'node:fs';
+import { accessSync, constants, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -31,8 +31,11 @@ export interface EtcdServer {
   /** `host:port` of the client endpoint. */
   readonly endpoint: string;
   readonly pid: number;
-  /** Freezes the server (SIGSTOP): it keeps its sockets but answers nothing, like an unreachable host. */
-  pause(): void;
+  /**
+   * Freezes the server (SIGSTOP): it keeps its sockets but answers nothing, like an
+   * unreachable host. Resolves once the kernel reports every thread stopped.
+   */
+  pause(): Promise<void>;
   /** Undoes {@link pause} (SIGCONT). */
   resume(): void;
   /** Stops the server (SIGTERM, SIGKILL after 5 s) and removes its data directory. Idempotent. */
@@ -51,6 +54,18 @@ export function findEtcdBinary(binary = process.env.EPD_ETCD_BIN): string | null
     }
   }
   return null;
+}
+
+/** True when every thread of `pid` is stopped (state T in /proc). */
+function allStopped(pid: number): boolean {
+  try {
+    return readdirSync(`/proc/${pid}/task`).every((tid) => {
+      const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
+      return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) === 'T';
+    });
+  } catch {
+    return false;
+  }
 }
 
 const running = new Set<ChildProcess>();
@@ -150,7 +165,15 @@ export async function startEtcdServer(options: EtcdServerOptions = {}): Promise<
     url: `etcd://${endpoint}`,
     endpoint,
     pid: child.pid!,
-    pause: () => child.kill('SIGSTOP'),
+    pause: async () => {
+      child.kill('SIGSTOP');
+      // The signal is asynchronous: a request sent right after kill() could still be answered.
+      const until = Date.now() + 5_000;
+      while (!allStopped(child.pid!)) {
+        if (Date.now() > until) throw new TransferError(`etcd (pid ${child.pid}) did not stop within 5 s`, 'ERR_TIMEOUT');
+        await sleep(5);
+      }
+    },
     resume: () => child.kill('SIGCONT'),
     stop,
   };

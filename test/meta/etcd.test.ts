@@ -121,7 +121,7 @@ describe.skipIf(noEtcd)('etcd metadata', () => {
       const src = b.allocate(1 << 20);
       src.buffer!.fill(7);
       const p = await b.connect(a.name);
-      own.pause();
+      await own.pause();
       await expectCode(() => b.connect(`someone-else-${seq}`, { timeoutMs: 1_500 }), 'ERR_METADATA_UNAVAILABLE');
       await b.write(p, [{ localRegion: src, localOffset: 0, remoteRegion: dst.id, remoteOffset: 0, length: 1 << 20 }]);
       expect(dst.buffer!.equals(src.buffer!)).toBe(true);
