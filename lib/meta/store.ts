@@ -118,7 +118,8 @@ export function bootId(): string {
   return bootIdCache;
 }
 
-function processAlive(pid: number): boolean {
+/** True while a process with this pid exists on this host. */
+export function processAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
     return true;

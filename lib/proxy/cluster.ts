@@ -22,6 +22,7 @@ import { request } from 'undici';
 import { TransferError } from '../errors.js';
 import { EtcdSession, keyOf, keyParts, type EtcdOptions, type EtcdWatch } from '../meta/etcd.js';
 import { watchInstances, type InstanceRecord } from '../meta/registry.js';
+import { bootId, processAlive } from '../meta/store.js';
 import { signBody, SIGNATURE_HEADER } from './auth.js';
 import { normalizeInstanceUrl, type Instance, type InstancePool, type Role } from './instances.js';
 import type { ProxyMetrics } from './metrics.js';
@@ -43,6 +44,9 @@ export interface ProxyRecord {
   id: string;
   /** Base URL other proxies forward metaserver calls to. */
   url: string;
+  /** Host (kernel boot id) and pid: a restarted proxy takes over the id of its dead predecessor at once. */
+  bootId: string;
+  pid: number;
 }
 
 /** One proxy's load on one instance, as shared. */
@@ -125,7 +129,9 @@ export class ProxyCluster {
     const session = await EtcdSession.connect(options.metadata, options);
     const cluster = new ProxyCluster(id, session, host, options);
     try {
-      await session.claim(keyOf('proxies', id), { id, url: host.url } satisfies ProxyRecord, () => false);
+      // The id of a crashed predecessor on this host is taken over at once, not after its lease TTL.
+      const record: ProxyRecord = { id, url: host.url, bootId: bootId(), pid: process.pid };
+      await session.claim<ProxyRecord>(keyOf('proxies', id), record, (c) => c.value.bootId === record.bootId && c.value.pid !== process.pid && !processAlive(c.value.pid));
       await cluster.follow();
     } catch (err) {
       await cluster.close();

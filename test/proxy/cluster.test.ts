@@ -75,6 +75,23 @@ describe.skipIf(noEtcd)('proxy cluster', () => {
     expect(err?.code).toBe('ERR_METADATA_UNAVAILABLE');
   });
 
+  it("a proxy id held by a live proxy is ERR_NAME_IN_USE; a crashed proxy's id is taken over at once", async () => {
+    const prefix = uniquePrefix();
+    const metadata = `${etcd.url}/${prefix.replace(/\/$/, '')}`;
+    const other = cli(['proxy', '--port', '0', '--metadata', metadata, '--proxy-id', 'twin', '--lease-ttl', '30']);
+    await waitFor(() => /cluster member 'twin'/.test(other.stderr()), 'the CLI proxy to join');
+    const refused = await clusterProxy(prefix, { cluster: { metadata: etcd.url, id: 'twin' } }).then(
+      () => null,
+      (e: { code?: string }) => e,
+    );
+    expect(refused?.code).toBe('ERR_NAME_IN_USE');
+    other.child.kill('SIGKILL');
+    await other.exited;
+    // Same host, dead pid: no need to wait out its 30 s lease.
+    const again = await clusterProxy(prefix, { cluster: { metadata: etcd.url, id: 'twin' } });
+    expect(again.cluster!.id).toBe('twin');
+  });
+
   it('a proxy started with a model uses only instances of that model', async () => {
     const prefix = uniquePrefix();
     const a = await clusterProxy(prefix, { cluster: { metadata: etcd.url, model: 'qwen' } });
