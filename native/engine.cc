@@ -147,6 +147,15 @@ Status Engine::UpdatePeer(uint32_t id, const std::vector<RemoteRegionSpec>& spec
     }
     RemoteRegion rr;
     Status st = peer.transport->Attach(spec, &rr);
+    if (!st.ok() && spec.shm.empty() && !spec.ipc_key.empty()) {
+      // Device memory this transport cannot reach (an NPU region seen over shm, say):
+      // the peer's other regions stay usable.
+      rr = RemoteRegion();
+      rr.id = spec.id;
+      rr.length = spec.length;
+      rr.unreachable = st.message();
+      st = Status::Ok();
+    }
     if (!st.ok()) {
       for (auto& [rid, r] : next) {
         if (peer.regions.count(rid) == 0) peer.transport->Detach(&r);
@@ -240,6 +249,11 @@ Status Engine::Resolve(Op op, Peer* peer, const double* desc, size_t count, Batc
                                               "' has no region " + std::to_string(remote_id));
     }
     const RemoteRegion& remote = rit->second;
+    if (!remote.unreachable.empty()) {
+      return Status(Code::kNotShareable, DescriptorField(i, "remoteRegion ") + std::to_string(remote_id) + " of peer '" +
+                                             peer->name + "' cannot be reached over " + peer->transport->name() + ": " +
+                                             remote.unreachable);
+    }
     if (remote_off > remote.length || length > remote.length - remote_off) {
       return Status(Code::kOutOfRange, DescriptorField(i, "remote range [") + std::to_string(remote_off) + ", +" +
                                            std::to_string(length) + ") exceeds peer region " +
