@@ -62,7 +62,7 @@ export type {
 } from './kv/index.js';
 export { PROFILES, REFERENCE_ACCELERATOR, getProfile, kvTensors, kvBytesPerToken, layerPrefillUs } from './sim/profiles.js';
 export type { ModelProfile, GqaAttention, MlaAttention, FeedForward, VisionEncoder } from './sim/profiles.js';
-export { EpdProxy, MemoryEmbeddingLocator, ProxyError, signBody as signProxyBody, SIGNATURE_HEADER as PROXY_SIGNATURE_HEADER } from './proxy/index.js';
+export { EpdProxy, MemoryEmbeddingLocator, ProxyError, ProxyCluster, signBody as signProxyBody, SIGNATURE_HEADER as PROXY_SIGNATURE_HEADER } from './proxy/index.js';
 export type {
   ProxyOptions,
   ProxyTimeouts,
@@ -76,5 +76,17 @@ export type {
   EncodedReport,
   MemoryEmbeddingLocatorOptions,
   EstimateOptions as ProxyEstimateOptions,
+  ClusterOptions as ProxyClusterOptions,
+  StalenessStats as ProxyStalenessStats,
 } from './proxy/index.js';
+export { EmbeddedMetadataStore, EtcdMetadataStore, openMetadataStore } from './meta/store.js';
+export type { MetadataStore, MetadataStoreOptions, MetadataState, MetadataStatus, SegmentRecord, SegmentWatch, ResolveOptions } from './meta/store.js';
+export { EtcdSession, parseEtcdUrl } from './meta/etcd.js';
+export type { EtcdOptions, EtcdSessionState, EtcdSessionStatus, EtcdEntry, EtcdWatch, WatchHandlers } from './meta/etcd.js';
+export { EtcdEncoderCacheIndex } from './meta/ec-index.js';
+export type { EncoderCacheIndex } from './meta/ec-index.js';
+export { registerInstance, watchInstances, listInstances, INSTANCE_ROLES } from './meta/registry.js';
+export type { InstanceRecord, InstanceRole, InstanceRegistration, RegisterOptions } from './meta/registry.js';
+export { startEtcdServer, findEtcdBinary } from './meta/etcd-server.js';
+export type { EtcdServer, EtcdServerOptions } from './meta/etcd-server.js';
 export * from './ec/index.js';
