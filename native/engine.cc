@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "vendor/device_common.h"
+
 namespace epd {
 namespace {
 
@@ -146,15 +148,16 @@ Status Engine::UpdatePeer(uint32_t id, const std::vector<RemoteRegionSpec>& spec
       continue;
     }
     RemoteRegion rr;
-    Status st = peer.transport->Attach(spec, &rr);
-    if (!st.ok() && spec.shm.empty() && !spec.ipc_key.empty()) {
-      // Device memory this transport cannot reach (an NPU region seen over shm, say):
-      // the peer's other regions stay usable.
-      rr = RemoteRegion();
+    const char* vendor_kind = vendor::IpcKeyDeviceKind(spec.ipc_key);
+    Status st;
+    if (spec.shm.empty() && vendor_kind != nullptr && !peer.device_memory) {
+      // NPU/GPU memory, which a host-memory transport (shm, tcp) cannot copy: the
+      // peer's other regions stay usable; descriptors naming this one fail.
       rr.id = spec.id;
       rr.length = spec.length;
-      rr.unreachable = st.message();
-      st = Status::Ok();
+      rr.unreachable = std::string("it is ") + vendor_kind + " device memory (use the mooncake or hccl transport)";
+    } else {
+      st = peer.transport->Attach(spec, &rr);
     }
     if (!st.ok()) {
       for (auto& [rid, r] : next) {
