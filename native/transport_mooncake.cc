@@ -375,9 +375,10 @@ Status CreateMooncakeTransport(const MooncakeOptions& options, Device* device, B
                                                  options.hostname + ") failed (see Mooncake's log)");
   }
   if (!discover) {
-    void* args[2] = {nullptr, nullptr};
-    if (!options.nic_priority_matrix.empty()) args[0] = const_cast<char*>(options.nic_priority_matrix.c_str());
-    if (api.installTransport(engine, options.protocol.c_str(), args) == nullptr) {
+    // rdma (and barex) take { priority matrix JSON, NULL }; other protocols take NULL.
+    void* args[2] = {const_cast<char*>(options.nic_priority_matrix.c_str()), nullptr};
+    void** argp = options.nic_priority_matrix.empty() ? nullptr : args;
+    if (api.installTransport(engine, options.protocol.c_str(), argp) == nullptr) {
       api.destroyTransferEngine(engine);
       return Status(Code::kBackendUnavailable, "Mooncake installTransport(" + options.protocol + ") failed");
     }

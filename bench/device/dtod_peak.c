@@ -1,9 +1,10 @@
 /*
  * The reference for the device bandwidth figures: device-to-device copy bandwidth of
- * the bare CUDA driver, cuMemcpyDtoDAsync_v2 in a loop on one stream, timed the same
- * way bench/device/cuda-bench.mjs times epd-transfer (wall clock around the stream's
- * completion), measured in the same run. No CUDA toolkit needed: the driver is opened
- * with dlopen and the few prototypes are declared here (vendor-apis.md §4.4).
+ * the bare CUDA driver, cuMemcpyDtoDAsync_v2 in a loop on one stream, timed like
+ * bench/device/cuda-bench.mjs times epd-transfer (wall clock from the first enqueue to
+ * the stream's completion; here cuStreamSynchronize), measured in the same run. No CUDA
+ * toolkit needed: the driver is opened with dlopen and the few prototypes are declared
+ * here (vendor-apis.md §4.4).
  *
  *   dtod_peak <device> <bytes per copy> <copies per run> <runs>
  *
