@@ -43,6 +43,12 @@ export class EtcdEncoderCacheIndex implements EncoderCacheDirectory {
     return new EtcdEncoderCacheIndex(await EtcdSession.connect(url, options), true);
   }
 
+  /** Uses a session the caller owns (e.g. a proxy's): {@link close} leaves it open. */
+  static forSession(session: EtcdSession): EtcdEncoderCacheIndex {
+    if (!(session instanceof EtcdSession)) badArgument('session', 'an EtcdSession', session);
+    return new EtcdEncoderCacheIndex(session, false);
+  }
+
   /**
    * Shares the session (and lease) of an engine opened with etcd metadata, so its
    * announcements live and die with the engine's segment record.

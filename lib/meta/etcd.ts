@@ -112,6 +112,10 @@ export class EtcdSession {
   private leaseId: string | null = null;
   private granting: Promise<string> | null = null;
   private readonly owned = new Map<string, string>();
+  /** Owned keys deleted locally whose deletion etcd has not confirmed yet. */
+  private readonly unpublished = new Set<string>();
+  /** Owned keys claimed as unique (names): republished only where nobody else took them meanwhile. */
+  private readonly unique = new Set<string>();
   private readonly watchers = new Set<Watcher>();
   private readonly listeners = new Set<(s: EtcdSessionStatus) => void>();
   private currentState: EtcdSessionState = 'live';
@@ -206,18 +210,31 @@ export class EtcdSession {
     this.assertOpen();
     const ops: Array<[string, string | null]> = changes.map(([k, v]) => [k, v === null ? null : JSON.stringify(v)]);
     for (const [k, v] of ops) {
-      if (v === null) this.owned.delete(k);
-      else this.owned.set(k, v);
+      if (v === null) {
+        this.owned.delete(k);
+        this.unique.delete(k);
+        this.unpublished.add(k);
+      } else {
+        this.owned.set(k, v);
+        this.unpublished.delete(k);
+      }
     }
-    const lease = await this.ensureLease();
-    for (let i = 0; i < ops.length; i += TXN_OPS) {
-      const slice = ops.slice(i, i + TXN_OPS);
-      await this.bounded('put', () =>
-        this.ns
-          .if(slice[0][0], 'Version', '>', -1)
-          .then(...slice.map(([k, v]) => (v === null ? this.ns.delete().key(k) : this.ns.put(k).value(v).lease(lease))))
-          .commit(),
-      );
+    try {
+      const lease = await this.ensureLease();
+      for (let i = 0; i < ops.length; i += TXN_OPS) {
+        const slice = ops.slice(i, i + TXN_OPS);
+        await this.bounded('put', () =>
+          this.ns
+            .if(slice[0][0], 'Version', '>', -1)
+            .then(...slice.map(([k, v]) => (v === null ? this.ns.delete().key(k) : this.ns.put(k).value(v).lease(lease))))
+            .commit(),
+        );
+      }
+      for (const [k, v] of ops) if (v === null) this.unpublished.delete(k);
+    } catch (err) {
+      // The intent is kept: a background resync publishes (and deletes) it once etcd answers.
+      if (this.currentState !== 'closed') this.scheduleRegrant(250);
+      throw err;
     }
   }
 
@@ -249,6 +266,21 @@ export class EtcdSession {
   async claim<T>(key: string, value: unknown, stale: (current: EtcdEntry<T>) => boolean | Promise<boolean>): Promise<void> {
     this.assertOpen();
     const text = JSON.stringify(value);
+    if (this.unique.has(key) && this.owned.has(key)) {
+      // Ours already: an update. If etcd does not answer, the background resync publishes it (still guarded).
+      this.owned.set(key, text);
+      try {
+        await this.claimOnce(key, text, stale);
+      } catch (err) {
+        if (isTransferError(err, 'ERR_METADATA_UNAVAILABLE') && this.currentState !== 'closed') this.scheduleRegrant(250);
+        throw err;
+      }
+      return;
+    }
+    await this.claimOnce(key, text, stale);
+  }
+
+  private async claimOnce<T>(key: string, text: string, stale: (current: EtcdEntry<T>) => boolean | Promise<boolean>): Promise<void> {
     const lease = await this.ensureLease();
     for (let attempt = 0; attempt < 3; attempt++) {
       const res = await this.bounded(`claim ${key}`, () =>
@@ -256,6 +288,7 @@ export class EtcdSession {
       );
       if (res.succeeded) {
         this.owned.set(key, text);
+        this.unique.add(key);
         return;
       }
       const kv = res.responses[0]?.response_range?.kvs[0];
@@ -270,6 +303,7 @@ export class EtcdSession {
       );
       if (swapped.succeeded) {
         this.owned.set(key, text);
+        this.unique.add(key);
         return;
       }
     }
@@ -402,22 +436,31 @@ export class EtcdSession {
     this.scheduleRegrant(250);
   }
 
-  /** Grants a new lease and publishes every owned key again; retried with backoff until it works or the session closes. */
+  /**
+   * Grants a new lease when there is none and publishes every owned key again (and
+   * deletes the ones whose deletion failed); retried with backoff until it works or
+   * the session closes. Runs after a lease loss and after a failed write.
+   */
   private scheduleRegrant(delayMs: number): void {
     clearTimeout(this.regrantTimer);
     this.regrantTimer = setTimeout(async () => {
       if (this.currentState === 'closed') return;
       try {
         const lease = await this.ensureLease();
-        const all = [...this.owned];
+        for (const [k, v] of [...this.owned].filter(([k]) => this.unique.has(k))) await this.republishUnique(k, v, lease);
+        const all: Array<[string, string | null]> = [
+          ...[...this.owned].filter(([k]) => !this.unique.has(k)),
+          ...[...this.unpublished].map((k) => [k, null] as [string, null]),
+        ];
         for (let i = 0; i < all.length; i += TXN_OPS) {
           const slice = all.slice(i, i + TXN_OPS);
           await this.bounded('republish', () =>
             this.ns
               .if(slice[0][0], 'Version', '>', -1)
-              .then(...slice.map(([k, v]) => this.ns.put(k).value(v).lease(lease)))
+              .then(...slice.map(([k, v]) => (v === null ? this.ns.delete().key(k) : this.ns.put(k).value(v).lease(lease))))
               .commit(),
           );
+          for (const [k, v] of slice) if (v === null && !this.owned.has(k)) this.unpublished.delete(k);
         }
         if (this.leaseId === lease) this.setState('live');
       } catch {
@@ -427,16 +470,34 @@ export class EtcdSession {
     this.regrantTimer.unref();
   }
 
-  private setState(state: EtcdSessionState, error?: TransferError): void {
-    if (this.currentState === state || this.currentState === 'closed') return;
-    this.currentState = state;
+  /**
+   * Publishes a claimed key again: where it is still ours (same lease) or absent. A key
+   * someone else took while we were away is theirs: we drop it and report ERR_NAME_IN_USE.
+   */
+  private async republishUnique(key: string, text: string, lease: string): Promise<void> {
+    const mine = await this.bounded('republish', () => this.ns.if(key, 'Lease', '==', lease).then(this.ns.put(key).value(text).lease(lease)).commit());
+    if (mine.succeeded) return;
+    const free = await this.bounded('republish', () => this.ns.if(key, 'Create', '==', 0).then(this.ns.put(key).value(text).lease(lease)).commit());
+    if (free.succeeded) return;
+    this.owned.delete(key);
+    this.unique.delete(key);
+    this.emit({ state: this.currentState, error: new TransferError(`'${key}' was taken by another process while this one was away from etcd; it is not published again`, 'ERR_NAME_IN_USE') });
+  }
+
+  private emit(status: EtcdSessionStatus): void {
     for (const l of this.listeners) {
       try {
-        l(error ? { state, error } : { state });
+        l(status);
       } catch {
         // a listener's failure is its own
       }
     }
+  }
+
+  private setState(state: EtcdSessionState, error?: TransferError): void {
+    if (this.currentState === state || this.currentState === 'closed') return;
+    this.currentState = state;
+    this.emit(error ? { state, error } : { state });
   }
 
   private startWatch<T>(w: Watcher, handlers: WatchHandlers<T>): EtcdWatch {

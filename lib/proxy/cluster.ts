@@ -22,7 +22,7 @@ import { request } from 'undici';
 import { TransferError } from '../errors.js';
 import { EtcdSession, keyOf, keyParts, type EtcdOptions, type EtcdWatch } from '../meta/etcd.js';
 import { watchInstances, type InstanceRecord } from '../meta/registry.js';
-import { bootId, processAlive } from '../meta/store.js';
+import { bootId, processAlive, type SegmentRecord } from '../meta/store.js';
 import { signBody, SIGNATURE_HEADER } from './auth.js';
 import { normalizeInstanceUrl, type Instance, type InstancePool, type Role } from './instances.js';
 import type { ProxyMetrics } from './metrics.js';
@@ -37,6 +37,14 @@ export interface ClusterOptions extends EtcdOptions {
   model?: string;
   /** Longest wait before this proxy's load changes are written to etcd (ms). Default 50. */
   loadSyncMs?: number;
+  /**
+   * Consult the cluster's encoder-cache index (lib/meta/ec-index.ts) before sending a
+   * media item to an encoder, so every proxy sees every embedding any encoder host
+   * holds. Encoder instances must register with their engine's name (`engine`).
+   * `loadable` (default true): P/PD pull embeddings across hosts, so an indexed item
+   * skips the encoders; false: it only goes back to an encoder that holds it.
+   */
+  sharedEmbeddings?: { loadable?: boolean };
 }
 
 /** What this proxy publishes about itself. */
@@ -95,6 +103,11 @@ export class ProxyCluster {
   private readonly shares = new Map<string, Map<string, LoadShare>>();
   /** Instances this cluster added (static ones are never removed by it). */
   private readonly discovered = new Set<string>();
+  /** Encoder instances by the engine name they registered with, and back. */
+  private readonly encoderByEngine = new Map<string, string>();
+  private readonly engineOfEncoder = new Map<string, string>();
+  /** Engine control addresses → names (sharedEmbeddings only: index holders are addresses). */
+  private readonly engineByAddress = new Map<string, string>();
   private readonly dirty = new Map<Instance, number>();
   private readonly watches: EtcdWatch[] = [];
   private flushTimer: NodeJS.Timeout | undefined;
@@ -144,6 +157,11 @@ export class ProxyCluster {
   /** The other live proxies: id → base URL. */
   peers(): Map<string, string> {
     return new Map([...this.proxies].filter(([id]) => id !== this.id));
+  }
+
+  /** The encoder instance URL serving an encoder-cache holder (its engine's control address or name), if registered. */
+  encoderOf(holder: string): string | undefined {
+    return this.encoderByEngine.get(this.engineByAddress.get(holder) ?? holder);
   }
 
   /** How old other proxies' load shares were when they arrived (ms). */
@@ -247,6 +265,28 @@ export class ProxyCluster {
         removed: (role, url) => this.instanceRemoved(role, url),
       }),
     );
+    // Engine addresses, to map encoder-cache holders to encoder instances.
+    if (this.options.sharedEmbeddings) {
+      const segments = await this.session.list<SegmentRecord>('segments/');
+      const put = (r: SegmentRecord) => {
+        for (const [address, name] of this.engineByAddress) if (name === r.name) this.engineByAddress.delete(address);
+        this.engineByAddress.set(r.address, r.name);
+      };
+      for (const e of segments.entries) put(e.value);
+      this.watches.push(
+        this.session.watchPrefix<SegmentRecord>(
+          'segments/',
+          {
+            put: (e) => put(e.value),
+            delete: (key) => {
+              const name = keyParts(key)[1];
+              for (const [address, n] of this.engineByAddress) if (n === name) this.engineByAddress.delete(address);
+            },
+          },
+          { startRevision: segments.revision + 1 },
+        ),
+      );
+    }
     // Load shares of the other proxies.
     const loads = await this.session.list<LoadShare>('load/');
     for (const e of loads.entries) this.shareArrived(e.key, e.value, false);
@@ -264,6 +304,10 @@ export class ProxyCluster {
       return;
     }
     const role = r.role as Role;
+    if (role === 'encode' && r.engine) {
+      this.encoderByEngine.set(r.engine, url);
+      this.engineOfEncoder.set(url, r.engine);
+    }
     const known = this.host.pools.get(role)?.get(url);
     if (known && known.state !== 'draining') return;
     this.discovered.add(`${role}|${url}`);
@@ -280,6 +324,11 @@ export class ProxyCluster {
       url = normalizeInstanceUrl(rawUrl);
     } catch {
       return;
+    }
+    if (role === 'encode') {
+      const engine = this.engineOfEncoder.get(url);
+      this.engineOfEncoder.delete(url);
+      if (engine !== undefined && this.encoderByEngine.get(engine) === url) this.encoderByEngine.delete(engine);
     }
     if (!this.discovered.delete(`${role}|${url}`)) return;
     this.host.log(`${role} instance ${url} left etcd: draining`);

@@ -14,3 +14,5 @@ export { DEFAULT_ESTIMATES, imageSize, textTokens } from './estimate.js';
 export type { EstimateOptions, ImageSize } from './estimate.js';
 export { ProxyCluster, FORWARDED_HEADER } from './cluster.js';
 export type { ClusterOptions, ProxyRecord, StalenessStats } from './cluster.js';
+export { IndexedEmbeddingLocator } from './shared-locator.js';
+export type { IndexedEmbeddingLocatorOptions } from './shared-locator.js';

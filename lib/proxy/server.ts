@@ -17,7 +17,9 @@ import type { AddressInfo } from 'node:net';
 import { performance } from 'node:perf_hooks';
 import { TransferError } from '../errors.js';
 import { checkSecret } from './auth.js';
+import { EtcdEncoderCacheIndex } from '../meta/ec-index.js';
 import { FORWARDED_HEADER, ProxyCluster, type ClusterOptions } from './cluster.js';
+import { IndexedEmbeddingLocator } from './shared-locator.js';
 import { ProxyError, asProxyError, badRequest, clientGone } from './errors.js';
 import { DEFAULT_ESTIMATES, type EstimateOptions } from './estimate.js';
 import { choosePath, decodeFirst, encodeItems, forwardPd, now, type FlowContext, type ProxyTimeouts, type RequestTrace } from './flow.js';
@@ -186,6 +188,11 @@ export class EpdProxy {
       }
       // D may call any proxy (e.g. through a load balancer): the URL names the one that holds the request.
       proxy.ctx.metaserverUrl += `?owner=${encodeURIComponent(proxy.clusterMember.id)}`;
+      const shared = options.cluster.sharedEmbeddings;
+      if (shared) {
+        const member = proxy.clusterMember;
+        proxy.ctx.locator = new IndexedEmbeddingLocator(EtcdEncoderCacheIndex.forSession(member.session), (h) => member.encoderOf(h), proxy.ctx.locator, shared);
+      }
     }
     return proxy;
   }

@@ -105,13 +105,27 @@ describe.skipIf(noEtcd)('etcd metadata', () => {
     expect(again.lost).toBeNull();
   });
 
+  it('a name another process took while this one had lost its lease is not taken back (ERR_NAME_IN_USE reported)', async () => {
+    const prefix = uniquePrefix();
+    const first = await session(prefix);
+    const second = await session(prefix);
+    await first.claim('names/x', { who: 'first' }, () => false);
+    const reports: string[] = [];
+    first.onStatus((s) => reports.push(`${s.state}:${s.error?.code ?? ''}`));
+    await first.dropLease(); // first republishes 250 ms later…
+    await second.claim('names/x', { who: 'second' }, () => false); // …second is quicker
+    await waitFor(() => first.state === 'live', 'the first session to be live again');
+    expect(reports).toEqual(['lease-lost:ERR_LEASE_LOST', 'lease-lost:ERR_NAME_IN_USE', 'live:']);
+    expect((await second.get<{ who: string }>('names/x'))!.value.who).toBe('second');
+  });
+
   it('open() fails with ERR_METADATA_UNAVAILABLE when etcd does not answer', async () => {
     const started = Date.now();
     await expectCode(() => TransferEngine.open({ metadata: 'etcd://127.0.0.1:1', metadataOptions: { timeoutMs: 500 } }), 'ERR_METADATA_UNAVAILABLE');
     console.info(`[etcd unreachable] open() failed after ${Date.now() - started} ms (timeoutMs 500)`);
   });
 
-  it('etcd unreachable: connect(name) fails within its deadline, connect(address) and established peers keep working', async () => {
+  it('etcd unreachable: connect(name) fails within its deadline, connect(address) and established peers keep working; changes are published when it is back', async () => {
     const own = await startEtcdServer();
     try {
       const o = { metadata: own.url, metadataOptions: { ttlSeconds: 10, timeoutMs: 1_000 } };
@@ -127,10 +141,15 @@ describe.skipIf(noEtcd)('etcd metadata', () => {
       expect(dst.buffer!.equals(src.buffer!)).toBe(true);
       const direct = await b.connect(a.address!, { transport: 'tcp' });
       expect(direct.lost).toBeNull();
+      // A change made while etcd is away (a new region) cannot be published now…
+      const later = a.allocate(1 << 12);
+      await new Promise((r) => setTimeout(r, 1_500));
       own.resume();
-      // Back within the TTL: nothing was lost, names resolve again.
+      // Back within the TTL: nothing was lost, names resolve again…
       await waitFor(async () => (await b.metadata.resolve(a.name).catch(() => null))?.name === a.name, 'etcd to answer again');
       expect(p.lost).toBeNull();
+      // …and the change is published in the background, with no further change to trigger it.
+      await waitFor(async () => (await b.metadata.resolve(a.name))?.regions.some((r) => r.id === later.id) ?? false, 'the change made during the outage');
     } finally {
       own.resume();
       await closeEngines();

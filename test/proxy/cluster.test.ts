@@ -3,6 +3,8 @@
 // through shared load counters (staleness measured and reported); D may call the
 // metaserver of a proxy that does not hold its request.
 import { afterEach, describe, expect, it } from 'vitest';
+import { EtcdEncoderCacheIndex } from '../../lib/meta/ec-index.js';
+import { EtcdSession, keyOf } from '../../lib/meta/etcd.js';
 import { registerInstance, type InstanceRegistration } from '../../lib/meta/registry.js';
 import { EpdProxy } from '../../lib/proxy/index.js';
 import { noEtcd, uniquePrefix, useEtcd } from '../meta/etcd-helpers.js';
@@ -20,8 +22,8 @@ async function clusterProxy(prefix: string, extra: Parameters<typeof proxy>[0] =
   return proxy({ ...extra, cluster: { metadata: etcd.url, prefix, ttlSeconds: 2, id: `proxy-${++seq}`, loadSyncMs: 20, ...extra.cluster } });
 }
 
-async function register(prefix: string, role: 'encode' | 'prefill' | 'decode' | 'pd', w: FakeWorker, model?: string): Promise<InstanceRegistration> {
-  const r = await registerInstance(etcd.url, { role, url: w.url, ...(model ? { model } : {}) }, { prefix, ttlSeconds: 2 });
+async function register(prefix: string, role: 'encode' | 'prefill' | 'decode' | 'pd', w: FakeWorker, model?: string, engine?: string): Promise<InstanceRegistration> {
+  const r = await registerInstance(etcd.url, { role, url: w.url, ...(model ? { model } : {}), ...(engine ? { engine } : {}) }, { prefix, ttlSeconds: 2 });
   registrations.push(r);
   return r;
 }
@@ -161,6 +163,45 @@ describe.skipIf(noEtcd)('proxy cluster', () => {
     await a.close();
     await waitFor(() => (b.instances()[0]?.sharedRequests ?? 0) === 0, "A's share to vanish");
     await stream;
+  });
+
+  it('with sharedEmbeddings, an item any encoder host announced in etcd skips the encoders at every proxy, or goes back to its holder', async () => {
+    const prefix = uniquePrefix();
+    const e1 = await worker({ role: 'encode' });
+    const e2 = await worker({ role: 'encode' });
+    const pd = await worker({ role: 'pd' });
+    await register(prefix, 'encode', e1, undefined, 'enc-1');
+    await register(prefix, 'encode', e2, undefined, 'enc-2');
+    await register(prefix, 'pd', pd);
+    // e2's engine: a segment record (as TransferEngine.open publishes) and an announcement under its address.
+    const host = await EtcdSession.connect(etcd.url, { prefix, ttlSeconds: 2 });
+    try {
+      await host.put(keyOf('segments', 'enc-2'), { name: 'enc-2', address: '10.9.9.9:7400', instance: 'x', hostname: 'h', bootId: 'b', pid: 1, transports: ['tcp'], regions: [], wireVersion: 2 });
+      await EtcdEncoderCacheIndex.forSession(host).announce('10.9.9.9:7400', ['img-shared', 'img-shared-2']);
+      // A lookup slower than locateMs counts as a miss (by design); on a loaded test machine give etcd time.
+      const timeouts = { locateMs: 5_000 };
+      const loads = await clusterProxy(prefix, { timeouts, cluster: { metadata: etcd.url, sharedEmbeddings: {} } });
+      const routes = await clusterProxy(prefix, { timeouts, cluster: { metadata: etcd.url, sharedEmbeddings: { loadable: false } } });
+      for (const x of [loads, routes]) await waitFor(() => routable(x, 'encode') === 2 && routable(x, 'pd') === 1 && x.cluster!.encoderOf('10.9.9.9:7400') === e2.url, 'cluster ready');
+      const ask = (p: EpdProxy, uuid: string) =>
+        fetch(`${p.url}/v1/chat/completions`, {
+          method: 'POST',
+          headers: { 'content-type': 'application/json' },
+          body: JSON.stringify({ model: 'fake', max_tokens: 3, messages: [{ role: 'user', content: [{ type: 'text', text: 'what is this' }, { type: 'image_url', image_url: { url: 'http://images.invalid/a.png' }, uuid }] }] }),
+        });
+      const encodes = () => [e1, e2].map((w) => w.log.filter((e) => e.role === 'encode').length);
+      expect((await ask(loads, 'img-shared')).status).toBe(200);
+      expect(encodes()).toEqual([0, 0]); // loadable from its holder: no encoder pass
+      expect(await (await fetch(`${loads.url}/metrics`)).text()).toMatch(/epd_proxy_media_items_total\{result="cache_hit"\} 1/);
+      // Not loadable elsewhere: back to the encoder that holds them, both times (idle encoders would otherwise take turns).
+      expect((await ask(routes, 'img-shared')).status).toBe(200);
+      expect((await ask(routes, 'img-shared-2')).status).toBe(200);
+      expect(encodes()).toEqual([0, 2]);
+      expect((await ask(loads, 'img-new')).status).toBe(200);
+      expect(encodes().reduce((a, b) => a + b)).toBe(3); // a miss is encoded as usual
+    } finally {
+      await host.close();
+    }
   });
 
   describe('metaserver across proxies', () => {
