@@ -7,6 +7,10 @@ import { sha256 } from '../fixtures/pattern.mjs';
 import { startTcpPeer, stopTcpPeers } from './util.js';
 
 const MiB = 1 << 20;
+// Under the AddressSanitizer build (scripts/asan.mjs) every copy is several times slower, so
+// the achieved rate says nothing about the emulator's pacing; there these tests check only
+// that the paced transfer completes byte-exact and never runs faster than the link allows.
+const sanitized = /build-asan/.test(process.env.EPD_TRANSFER_ADDON ?? '');
 let engines: TransferEngine[] = [];
 
 async function open(options?: Parameters<typeof TransferEngine.open>[0]): Promise<TransferEngine> {
@@ -84,7 +88,7 @@ describe('link emulation over shm', () => {
       await engine.write(peer, batch);
     }
     const rate = total / ((performance.now() - start) / 1000);
-    expect(rate / bandwidth).toBeGreaterThan(0.9);
+    if (!sanitized) expect(rate / bandwidth).toBeGreaterThan(0.9);
     expect(rate / bandwidth).toBeLessThan(1.1);
     expect(dst.buffer!.equals(src.buffer!)).toBe(true);
   });
@@ -153,7 +157,7 @@ describe('link emulation over tcp', () => {
     const start = performance.now();
     await engine.write(peer, [{ localRegion: src, localOffset: 0, remoteRegion: target.regions[0], remoteOffset: 0, length: 64 * MiB }]);
     const rate = (64 * MiB) / ((performance.now() - start) / 1000);
-    expect(rate / bandwidth).toBeGreaterThan(0.9);
+    if (!sanitized) expect(rate / bandwidth).toBeGreaterThan(0.9);
     expect(rate / bandwidth).toBeLessThan(1.1);
     expect(await target.call('hash', { region: target.regions[0] })).toBe(sha256(src.buffer!));
   });
