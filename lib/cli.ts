@@ -9,6 +9,7 @@
  *   epd-transfer proxy [--prefill <url> --decode <url> | --pd <url>] [--encode <url>] [options]
  *   epd-transfer proxy instances list|add|remove --proxy <url> [--role <role>] [url...]
  *   epd-transfer bench proxy [--rate 500] [--json]
+ *   epd-transfer bench ec [--bytes 18MiB] [--processes 1] [--runs 5] [--json]
  *   epd-transfer shm-gc
  */
 import { parseArgs } from 'node:util';
@@ -44,8 +45,35 @@ Commands:
       --integrity                checksum every layer, verified by decode
       --trace <file>             write a Chrome trace (prefill + decode) of the last run
       --json                     one JSON object instead of the table
-${BENCH_PROXY_USAGE}${PROXY_USAGE}  shm-gc                         remove shared memory left by crashed engines
+${BENCH_PROXY_USAGE}  bench ec [options]             encoder cache: save in one process, load in others, next to memcpy
+      --bytes <size>             embedding size (18MiB)
+      --processes <n>            loader processes, measured one after another (1)
+      --runs <n>                 measured runs, median reported (5)
+      --json                     one JSON object instead of the table
+${PROXY_USAGE}  shm-gc                         remove shared memory left by crashed engines and encoder caches
 `;
+
+async function benchEc(args: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args,
+    options: {
+      bytes: { type: 'string', default: '18MiB' },
+      processes: { type: 'string', default: '1' },
+      runs: { type: 'string', default: '5' },
+      'run-ms': { type: 'string', default: '500' },
+      json: { type: 'boolean', default: false },
+    },
+  });
+  const { runEcBench, printEcResult } = await import('../bench/ec.js');
+  const result = await runEcBench({
+    bytes: parseBytes(values.bytes, '--bytes'),
+    processes: expectInteger(Number(values.processes), '--processes', 1, 64),
+    runs: expectInteger(Number(values.runs), '--runs', 1),
+    runMillis: expectInteger(Number(values['run-ms']), '--run-ms', 10),
+  });
+  if (values.json) console.log(JSON.stringify(result));
+  else printEcResult(result);
+}
 
 async function benchTransfer(args: string[]): Promise<void> {
   const { values } = parseArgs({
@@ -159,6 +187,10 @@ export async function main(argv: string[]): Promise<number> {
           return 0;
         }
         if (what === 'proxy') return await benchProxyCommand(args);
+        if (what === 'ec') {
+          await benchEc(args);
+          return 0;
+        }
         console.error(`unknown bench '${what ?? ''}'\n\n${USAGE}`);
         return 2;
       }
@@ -166,6 +198,7 @@ export async function main(argv: string[]): Promise<number> {
         return await runProxyCommand(rest);
       case 'shm-gc':
         console.log(`removed ${native.reclaimStaleShm()} stale shared-memory object(s)`);
+        console.log(`removed ${native.reclaimStaleEcStores()} stale encoder-cache store(s)`);
         return 0;
       case undefined:
       case 'help':

@@ -26,6 +26,10 @@ export type ErrorCode =
   | 'ERR_AUTH'
   /** A checksum did not match: the bytes that landed are not the bytes that were sent. */
   | 'ERR_INTEGRITY'
+  /** A store is full of entries it may not evict (pinned, being written), or an item exceeds its capacity. */
+  | 'ERR_CAPACITY'
+  /** A named resource (e.g. an encoder-cache store opened without a capacity) does not exist. */
+  | 'ERR_NOT_FOUND'
   | 'ERR_SYSTEM';
 
 /** An error with a machine-readable {@link ErrorCode}. Also constructed by the native addon. */

@@ -77,3 +77,4 @@ export type {
   MemoryEmbeddingLocatorOptions,
   EstimateOptions as ProxyEstimateOptions,
 } from './proxy/index.js';
+export * from './ec/index.js';

@@ -110,7 +110,72 @@ export interface NativeVendorStatus {
   batchSendRecv?: boolean;
 }
 
+/** Options of `new NativeEcStore(name, options)`; a capacity creates the store when it does not exist. */
+export interface NativeEcStoreOptions {
+  capacity?: number;
+  maxEntries?: number;
+  alignment?: number;
+  maxProcesses?: number;
+  maxPinsPerProcess?: number;
+  lockTimeoutMs?: number;
+  prefault?: boolean;
+}
+
+/** One attached handle on a shared encoder-cache store (native/ec_binding.cc). */
+export interface NativeEcStore {
+  /** Window k of the arena: bytes [k GiB, k GiB + 4 GiB), clipped at its end. */
+  arena(window: number): ArrayBuffer;
+  has(key: string): boolean;
+  stat(key: string): { size: number; meta: string } | null;
+  reserve(key: string, size: number, meta: string): { ticket: number; offset: number } | 'exists' | 'busy';
+  write(ticket: number, offset: number, source: ArrayBufferView | ArrayBuffer): Promise<void>;
+  commit(ticket: number): void;
+  abort(ticket: number): void;
+  acquire(key: string): { ticket: number; offset: number; size: number; meta: string } | null;
+  release(ticket: number): void;
+  load(key: string, target: ArrayBufferView | ArrayBuffer, targetOffset: number): Promise<{ size: number; meta: string }> | null;
+  delete(key: string): boolean;
+  keys(): string[];
+  stats(): NativeEcStats;
+  info(): NativeEcInfo;
+  recover(): number;
+  close(): void;
+  /** Test hook (only with EPD_TRANSFER_EC_TEST_HOOKS=1): takes the index lock, prints "LOCKED", never returns. */
+  holdLockForTest?(): never;
+}
+
+export interface NativeEcStats {
+  usedBytes: number;
+  entries: number;
+  writing: number;
+  pinned: number;
+  processes: number;
+  hits: number;
+  misses: number;
+  saves: number;
+  dedups: number;
+  evictions: number;
+  evictedBytes: number;
+  capacityErrors: number;
+  recoveries: number;
+  reapedProcesses: number;
+  reapedWrites: number;
+}
+
+export interface NativeEcInfo {
+  name: string;
+  object: string;
+  capacity: number;
+  alignment: number;
+  maxEntries: number;
+  maxProcesses: number;
+  maxPinsPerProcess: number;
+  totalBytes: number;
+}
+
 export interface NativeBinding {
+  NativeEcStore: new (name: string, options: NativeEcStoreOptions) => NativeEcStore;
+  reclaimStaleEcStores(): number;
   NativeEngine: new (options: { threads: number; chunkBytes: number; device?: string; deviceId?: number }) => NativeEngine;
   /** Loads (on first use) and reports each vendor backend. */
   vendorBackends(): { acl: NativeVendorStatus; cuda: NativeVendorStatus; hccl: NativeVendorStatus; mooncake: NativeVendorStatus };

@@ -1,6 +1,7 @@
 // Addon entry: defines the classes and free functions lib/native.ts declares.
 #include <napi.h>
 
+#include "ec_binding.h"
 #include "engine_binding.h"
 #include "link_binding.h"
 #include "shm.h"
@@ -44,6 +45,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeEvent", event);
   exports.Set("setErrorClass", Napi::Function::New<SetErrorClass>(env, "setErrorClass"));
   exports.Set("reclaimStaleShm", Napi::Function::New<ReclaimStale>(env, "reclaimStaleShm"));
+  exports.Set("NativeEcStore", DefineEcStore(env));
+  exports.Set("reclaimStaleEcStores", Napi::Function::New<ReclaimStaleEcStores>(env, "reclaimStaleEcStores"));
   exports.Set("memcpyBandwidth", Napi::Function::New<MemcpyBandwidth>(env, "memcpyBandwidth"));
   exports.Set("hmacSha256", Napi::Function::New<HmacSha256Js>(env, "hmacSha256"));
   exports.Set("tcpPump", Napi::Function::New<TcpPump>(env, "tcpPump"));
