@@ -1,0 +1,99 @@
+/**
+ * `epd-transfer worker --role encode|prefill|decode|pd --model <profile>`: one
+ * simulated instance in the foreground. Stops on SIGINT / SIGTERM (in-flight
+ * requests get a grace period). Started by another process with an IPC channel
+ * (the demo), it reports `{ type: 'ready', url, pid, engine }` over it, leaves
+ * SIGINT to its parent (a Ctrl-C reaches the whole process group; the parent
+ * decides the order of shutdown), stops on a `{ type: 'shutdown' }` message, and
+ * stops by itself when the channel closes — the parent died, so must it.
+ */
+import { parseArgs } from 'node:util';
+import { parseDuration } from '../proxy/cli.js';
+import { TransferError } from '../errors.js';
+import { expectInteger, parseBytes } from '../validate.js';
+import { getProfile } from './profiles.js';
+import type { SimRole } from './stats.js';
+import { SimWorker, simulationLabel } from './worker.js';
+
+
+function log(message: string): void {
+  console.error(`${new Date().toISOString()} epd-sim ${message}`);
+}
+
+/** Runs the `worker` command until it is told to stop. Returns the exit code. */
+export async function runWorkerCommand(args: string[]): Promise<number> {
+  const { values } = parseArgs({
+    args,
+    options: {
+      role: { type: 'string' },
+      model: { type: 'string', default: 'qwen2.5-vl-7b' },
+      'served-model-name': { type: 'string' },
+      host: { type: 'string', default: '127.0.0.1' },
+      port: { type: 'string', default: '0' },
+      'ec-store': { type: 'string', default: 'epd-sim' },
+      'ec-capacity': { type: 'string', default: '2GiB' },
+      'kv-memory': { type: 'string', default: '512MiB' },
+      'max-batched-tokens': { type: 'string', default: '8192' },
+      'kv-timeout': { type: 'string', default: '120s' },
+      'block-wait': { type: 'string', default: '30s' },
+      'corrupt-kv': { type: 'string' },
+    },
+  });
+  const role = values.role as SimRole;
+  if (!['encode', 'prefill', 'decode', 'pd'].includes(role)) {
+    throw new TransferError(`Expected --role encode, prefill, decode or pd but received ${JSON.stringify(values.role ?? null)}`, 'ERR_BAD_ARGUMENT');
+  }
+  const profile = getProfile(values.model);
+  const corruptKv = values['corrupt-kv']
+    ? values['corrupt-kv'].split(',').map((v) => expectInteger(Number(v), '--corrupt-kv', 1))
+    : undefined;
+  const worker = await SimWorker.start({
+    role,
+    model: profile.id,
+    servedModelName: values['served-model-name'],
+    host: values.host,
+    port: expectInteger(Number(values.port), '--port', 0, 65535),
+    ecStore: values['ec-store'],
+    ecCapacity: parseBytes(values['ec-capacity'], '--ec-capacity'),
+    kvMemory: parseBytes(values['kv-memory'], '--kv-memory'),
+    maxBatchedTokens: expectInteger(Number(values['max-batched-tokens']), '--max-batched-tokens', 1),
+    kvTimeoutMs: parseDuration(values['kv-timeout'], '--kv-timeout'),
+    blockWaitMs: parseDuration(values['block-wait'], '--block-wait'),
+    corruptKv,
+    log,
+  });
+  const supervised = typeof process.send === 'function';
+  let stopping: Promise<void> | undefined;
+  const stop = (why: string) => {
+    if (!stopping) {
+      log(`${role} worker stopping (${why})`);
+      stopping = worker.close();
+    }
+    return stopping;
+  };
+  const done = new Promise<void>((resolve) => {
+    const finish = (why: string) => void stop(why).then(resolve, resolve);
+    process.on('SIGTERM', () => finish('SIGTERM'));
+    if (supervised) {
+      // The parent orders the shutdown on Ctrl-C; a dead parent closes the channel.
+      process.on('SIGINT', () => {});
+      process.on('disconnect', () => finish('parent gone'));
+      process.on('message', (m: { type?: string }) => {
+        if (m?.type === 'shutdown') finish('asked by the parent');
+      });
+    } else {
+      process.on('SIGINT', () => finish('SIGINT'));
+    }
+  });
+  const banner = `${simulationLabel(role, profile)}\n${role} worker listening on ${worker.url}${worker.engineAddress ? ` (transfer engine ${worker.engineAddress})` : ''}`;
+  if (supervised) {
+    process.send!({ type: 'ready', url: worker.url, pid: process.pid, engine: worker.engineAddress ?? null, role });
+  } else {
+    console.log(banner);
+  }
+  await done;
+  if (supervised && process.connected) process.disconnect();
+  // Everything is closed; should a stray keep-alive socket hold the loop, do not linger.
+  setTimeout(() => process.exit(0), 1_000).unref();
+  return 0;
+}
