@@ -27,18 +27,23 @@ function gb(bytes: number): string {
 export function formatSummary(s: DemoSummary): string {
   const k = s.byKind;
   const lines: Array<[string, string]> = [
-    ['requests', `${s.requests}, ${s.errors} error${s.errors === 1 ? '' : 's'}${s.interrupted ? ' (interrupted)' : ''}   ${s.concurrency} in flight, ${s.durationS.toFixed(1)} s, ${s.requestsPerSec.toFixed(2)} req/s`],
+    ['requests', `${s.requests}, ${s.errors} error${s.errors === 1 ? '' : 's'}${s.interrupted ? ` (interrupted; ${s.cancelled} cancelled)` : ''}   ${s.concurrency} in flight, ${s.durationS.toFixed(1)} s, ${s.requestsPerSec.toFixed(2)} req/s`],
     ['TTFT p50 / p99', `${fmt(s.ttftP50Ms)} / ${fmt(s.ttftP99Ms)} ms   text ${fmt(k.text.ttftP50Ms, 0)}, new image ${fmt(k.image.ttftP50Ms, 0)}, repeated image ${fmt(k['image-repeat'].ttftP50Ms, 0)} ms (p50)`],
     ['inter-token p50 / p99', `${fmt(s.itlP50Ms)} / ${fmt(s.itlP99Ms)} ms`],
     ['EC bytes (E → P)', `${gb(s.bytes.ec)} loaded from the shared cache at ${fmt(s.ecGBps, 2)} GB/s; ${gb(s.bytes.ecSaved)} saved by encoders; ${gb(s.verifiedBytes.ec)} checked`],
-    ['KV bytes (P → D)', `${gb(s.bytes.kv)} pushed layer by layer at ${fmt(s.kvGBps, 2)} GB/s; ${gb(s.verifiedBytes.kv)} checked byte for byte by D`],
+    [
+      'KV bytes (P → D)',
+      s.topology === '1e1pd'
+        ? '– (a combined PD instance keeps its KV where it computed it)'
+        : `${gb(s.bytes.kv)} pushed layer by layer at ${fmt(s.kvGBps, 2)} GB/s; ${gb(s.verifiedBytes.kv)} checked byte for byte by D${s.kvVerifyFailures > 0 ? ` (${s.kvVerifyFailures} FAILED the check)` : ''}`,
+    ],
     [
       'encoder-cache hit rate',
       s.ecHitRate === null
         ? '– (no media)'
         : `${(s.ecHitRate * 100).toFixed(0)} % of ${s.media.items} items (${s.media.proxyCacheHits} skipped the encoder, ${s.media.coalesced} coalesced, ${s.media.encoderHits} hit at the encoder; ${s.media.encoded} encoded)`,
     ],
-    ['layerwise exposed tail', s.exposedTailP50Ms === null ? '– (no P → D push)' : `${fmt(s.exposedTailP50Ms, 2)} ms p50, ${fmt(s.exposedTailP99Ms, 2)} ms p99 (KV complete after the last layer's compute)`],
+    ['layerwise exposed tail', s.exposedTailP50Ms === null ? '–' : `${fmt(s.exposedTailP50Ms, 2)} ms p50, ${fmt(s.exposedTailP99Ms, 2)} ms p99 (KV complete after the last layer's compute)`],
   ];
   if (s.errorSamples.length > 0) lines.push(['errors', s.errorSamples.join('\n' + ' '.repeat(26))]);
   if (s.report) lines.push(['report', s.report]);

@@ -32,6 +32,8 @@ export interface ClientResult {
   end: number;
   ok: boolean;
   error?: string;
+  /** Cut short by the demo's interruption (not counted as an error). */
+  cancelled?: boolean;
   /** First content token. */
   firstToken?: number;
   ttftMs?: number;
@@ -192,7 +194,12 @@ async function send(client: OpenAI, request: LoadRequest, options: LoadOptions):
     if (result.tokens === 0) throw new Error('the stream ended without a token');
     result.ok = true;
   } catch (err) {
-    result.error = options.signal.aborted ? 'cancelled (the demo was interrupted)' : describe(err);
+    if (options.signal.aborted) {
+      result.cancelled = true;
+      result.error = 'cancelled: the demo was interrupted';
+    } else {
+      result.error = describe(err);
+    }
   } finally {
     options.signal.removeEventListener('abort', onAbort);
   }

@@ -153,18 +153,19 @@ export class Supervisor {
   }
 
   /**
-   * Stops every child: asks them to shut down (they finish or cancel what is in
-   * flight and free their shared memory), SIGTERM after `graceMs`, SIGKILL 2 s
-   * later. Resolves when all have exited; returns the names of those that had to
-   * be killed.
+   * Stops every child: asks them to shut down, giving requests in flight
+   * `requestGraceMs` to finish before they are cancelled (the children then free
+   * their shared memory); SIGTERM if a child is still running `deadlineMs` later,
+   * SIGKILL 2 s after that. Resolves when all have exited; returns the names of
+   * those that had to be killed.
    */
-  async stopAll(graceMs = 8_000): Promise<string[]> {
+  async stopAll(requestGraceMs = 5_000, deadlineMs = requestGraceMs + 5_000): Promise<string[]> {
     const live = [...this.running];
-    for (const c of live) if (c.process.connected) c.process.send({ type: 'shutdown' });
+    for (const c of live) if (c.process.connected) c.process.send({ type: 'shutdown', graceMs: requestGraceMs });
     const killed: string[] = [];
     await Promise.all(
       live.map(async (c) => {
-        if (await settlesWithin(c.exited, graceMs)) return;
+        if (await settlesWithin(c.exited, deadlineMs)) return;
         c.process.kill('SIGTERM');
         if (await settlesWithin(c.exited, 2_000)) return;
         killed.push(c.name);

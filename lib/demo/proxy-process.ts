@@ -37,7 +37,8 @@ async function main(): Promise<void> {
       locator: new SharedStoreLocator(store),
       onRequest: (trace) => traces.push(trace),
       health: { intervalMs: 1_000 },
-      closeGraceMs: 2_000,
+      // The demo stops the proxy after its load (or on Ctrl-C): nothing worth waiting for.
+      closeGraceMs: 500,
       log: (message) => process.stderr.write(`${new Date().toISOString()} epd-proxy ${message}\n`),
     });
   } catch (err) {

@@ -204,7 +204,8 @@ export async function runDemo(o: DemoOptions): Promise<DemoSummary> {
     }
     return summary;
   } finally {
-    const killed = await supervisor.stopAll();
+    // After the load nothing is in flight; after an interrupt, what is in flight is abandoned.
+    const killed = await supervisor.stopAll(o.signal.aborted ? 0 : 5_000);
     await store?.close();
     if (killed.length > 0) {
       // A process that had to be killed could not remove its shared memory: do it for it.

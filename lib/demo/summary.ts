@@ -25,10 +25,13 @@ export interface DemoSummary {
   simulation: string;
   topology: Topology;
   model: string;
+  /** Requests that ran (sent and not cancelled by an interruption). */
   requests: number;
   errors: number;
   /** True when Ctrl-C (or SIGTERM) cut the load short. */
   interrupted: boolean;
+  /** Requests in flight when the demo was interrupted (neither successes nor errors). */
+  cancelled: number;
   concurrency: number;
   /** Wall time of the load (s). */
   durationS: number;
@@ -187,7 +190,8 @@ export function summarize(input: {
   durationS: number;
   processes: DemoSummary['processes'];
 }): DemoSummary {
-  const { clients, traces, workers } = input;
+  const { traces, workers } = input;
+  const clients = input.clients.filter((c) => !c.cancelled);
   const ok = clients.filter((c) => c.ok);
   const ttft = ok.map((c) => c.ttftMs!).filter((v) => v !== undefined);
   const itl = ok.flatMap((c) => c.itlMs);
@@ -228,6 +232,7 @@ export function summarize(input: {
     requests: clients.length,
     errors: clients.length - ok.length,
     interrupted: input.interrupted,
+    cancelled: input.clients.length - clients.length,
     concurrency: input.concurrency,
     durationS: round(input.durationS, 3)!,
     requestsPerSec: round(input.durationS > 0 ? ok.length / input.durationS : 0, 2)!,

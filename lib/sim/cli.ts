@@ -4,7 +4,7 @@
  * requests get a grace period). Started by another process with an IPC channel
  * (the demo), it reports `{ type: 'ready', url, pid, engine }` over it, leaves
  * SIGINT to its parent (a Ctrl-C reaches the whole process group; the parent
- * decides the order of shutdown), stops on a `{ type: 'shutdown' }` message, and
+ * decides the order of shutdown), stops on a `{ type: 'shutdown', graceMs? }` message, and
  * stops by itself when the channel closes — the parent died, so must it.
  */
 import { parseArgs } from 'node:util';
@@ -64,22 +64,23 @@ export async function runWorkerCommand(args: string[]): Promise<number> {
   });
   const supervised = typeof process.send === 'function';
   let stopping: Promise<void> | undefined;
-  const stop = (why: string) => {
+  const stop = (why: string, graceMs?: number) => {
     if (!stopping) {
       log(`${role} worker stopping (${why})`);
-      stopping = worker.close();
+      stopping = worker.close(graceMs);
     }
     return stopping;
   };
   const done = new Promise<void>((resolve) => {
-    const finish = (why: string) => void stop(why).then(resolve, resolve);
+    const finish = (why: string, graceMs?: number) => void stop(why, graceMs).then(resolve, resolve);
     process.on('SIGTERM', () => finish('SIGTERM'));
     if (supervised) {
       // The parent orders the shutdown on Ctrl-C; a dead parent closes the channel.
       process.on('SIGINT', () => {});
-      process.on('disconnect', () => finish('parent gone'));
-      process.on('message', (m: { type?: string }) => {
-        if (m?.type === 'shutdown') finish('asked by the parent');
+      // Nobody is left to answer: in-flight requests get no grace.
+      process.on('disconnect', () => finish('parent gone', 0));
+      process.on('message', (m: { type?: string; graceMs?: number }) => {
+        if (m?.type === 'shutdown') finish('asked by the parent', typeof m.graceMs === 'number' ? m.graceMs : undefined);
       });
     } else {
       process.on('SIGINT', () => finish('SIGINT'));

@@ -73,6 +73,8 @@ export interface RoleContext {
   ecTurn: Promise<void>;
   /** Block releases that wait for the receiver to settle (awaited on close). */
   pending: Set<Promise<void>>;
+  /** Prefill/PD: a reused buffer of at least `bytes` for embedding loads (one load step at a time). */
+  embeddingArena(bytes: number): Buffer;
 }
 
 /** One request being served. */
@@ -171,38 +173,49 @@ async function loadEmbeddings(ctx: RoleContext, call: Call): Promise<void> {
     for (const f of features) await scheduler.hasCacheItem(f.mmHash);
     features.forEach((_, i) => scheduler.updateStateAfterAlloc({ requestId: call.requestId, mmFeatures: features }, i));
     const meta = scheduler.buildConnectorMeta();
-    const destinations = new Map(meta.items.map((it) => [it.mmHash, Buffer.allocUnsafe(bytesOf.get(it.mmHash)!)]));
+    // Destinations in one reused arena, like the encoder-cache tensor a serving engine preallocates.
+    const destinations = new Map<string, Buffer>();
+    const arena = ctx.embeddingArena(meta.items.reduce((n, it) => n + bytesOf.get(it.mmHash)!, 0));
+    let offset = 0;
+    for (const it of meta.items) {
+      const n = bytesOf.get(it.mmHash)!;
+      destinations.set(it.mmHash, arena.subarray(offset, offset + n));
+      offset += n;
+    }
     const t0 = performance.now();
     if (meta.items.length > 0) await ctx.ecWorker!.startLoadCaches(meta, destinations);
-    return { destinations, finished: ctx.ecWorker!.getFinished(), loadMs: performance.now() - t0 };
+    const loadMs = performance.now() - t0;
+    const finished = ctx.ecWorker!.getFinished();
+    if (finished.failedLoads.length > 0) {
+      const f = finished.failedLoads[0];
+      throw new HttpError(`loading embedding ${f.mmHash} from the encoder cache failed: ${f.error.message}`, f.error.code, 500);
+    }
+    // Checked before the arena is reused by the next load.
+    let loadedBytes = 0;
+    for (const mmHash of finished.loaded) {
+      const buffer = destinations.get(mmHash)!;
+      const at = findMismatch(buffer, embeddingKey(mmHash));
+      if (at >= 0) throw new HttpError(`embedding ${mmHash} loaded from the encoder cache differs at byte ${at}`, 'ERR_INTEGRITY', 500);
+      loadedBytes += buffer.length;
+    }
+    return { loaded: finished.loaded, loadedBytes, loadMs };
   };
   const turn = ctx.ecTurn.then(step);
   ctx.ecTurn = turn.then(
     () => undefined,
     () => undefined,
   );
-  const { destinations, finished, loadMs } = await turn;
-  if (finished.failedLoads.length > 0) {
-    const f = finished.failedLoads[0];
-    throw new HttpError(`loading embedding ${f.mmHash} from the encoder cache failed: ${f.error.message}`, f.error.code, 500);
-  }
-  let loadedBytes = 0;
-  for (const mmHash of finished.loaded) {
-    const buffer = destinations.get(mmHash)!;
-    const at = findMismatch(buffer, embeddingKey(mmHash));
-    if (at >= 0) throw new HttpError(`embedding ${mmHash} loaded from the encoder cache differs at byte ${at}`, 'ERR_INTEGRITY', 500);
-    loadedBytes += buffer.length;
-  }
-  const loaded = new Set(finished.loaded);
+  const { loaded: loadedKeys, loadedBytes, loadMs } = await turn;
+  const loaded = new Set(loadedKeys);
   const missing = images.filter((i) => !loaded.has(i.mmHash));
-  ctx.ec.loaded += finished.loaded.length;
+  ctx.ec.loaded += loadedKeys.length;
   ctx.ec.loadedBytes += loadedBytes;
   ctx.ec.verifiedBytes += loadedBytes;
   ctx.ec.loadMs += loadMs;
   ctx.ec.missed += missing.length;
   // Not in the cache (evicted, or no encoder ran): encode here, as vLLM falls back to.
   if (missing.length > 0) await ctx.runner.compute(missing.reduce((s, i) => s + i.embedding.encodeUs, 0));
-  call.record.ecLoad = { start, end: now(), loaded: finished.loaded.length, missed: missing.length, bytes: loadedBytes };
+  call.record.ecLoad = { start, end: now(), loaded: loadedKeys.length, missed: missing.length, bytes: loadedBytes };
 }
 
 // ------------------------------------------------------------------ prefill

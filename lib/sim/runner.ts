@@ -291,7 +291,7 @@ export class ModelRunner {
       for (let l = 0; l < layers; l++) {
         await settle(events[l], Math.ceil(layerUs / 1000) * (l + 1) * 4 + 30_000);
         for (const j of jobs) if (j.corruptLayer === l) this.cache!.corrupt(l, j.blocks[0]);
-        ready[l].resolve();
+        ready[l]?.resolve();
       }
       this.busyUs.prefill += layerUs * layers;
       this.steps.prefill++;

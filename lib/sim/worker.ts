@@ -146,6 +146,7 @@ export class SimWorker {
         },
       });
       opened.push(() => runner.close());
+      let arena = Buffer.alloc(0);
       const ctx: RoleContext = {
         role,
         profile,
@@ -171,6 +172,10 @@ export class SimWorker {
         encoding: new Map(),
         ecTurn: Promise.resolve(),
         pending: new Set(),
+        embeddingArena: (bytes) => {
+          if (arena.length < bytes) arena = Buffer.alloc(bytes);
+          return arena;
+        },
       };
       const worker = new SimWorker(role, profile, ctx, log);
       await new Promise<void>((resolve, reject) => {
