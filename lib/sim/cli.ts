@@ -36,6 +36,7 @@ export async function runWorkerCommand(args: string[]): Promise<number> {
       'max-batched-tokens': { type: 'string', default: '8192' },
       'kv-timeout': { type: 'string', default: '120s' },
       'block-wait': { type: 'string', default: '30s' },
+      'kv-quiesce': { type: 'string', default: '30s' },
       'corrupt-kv': { type: 'string' },
     },
   });
@@ -59,6 +60,7 @@ export async function runWorkerCommand(args: string[]): Promise<number> {
     maxBatchedTokens: expectInteger(Number(values['max-batched-tokens']), '--max-batched-tokens', 1),
     kvTimeoutMs: parseDuration(values['kv-timeout'], '--kv-timeout'),
     blockWaitMs: parseDuration(values['block-wait'], '--block-wait'),
+    kvQuiesceMs: parseDuration(values['kv-quiesce'], '--kv-quiesce'),
     corruptKv,
     log,
   });

@@ -3,7 +3,8 @@ import { PROFILES } from './profiles.js';
 
 export const WORKER_USAGE = `  worker --role <role> [options]  a SIMULATED E, P, D or PD instance (vLLM's HTTP API; real transfers)
       --role encode|prefill|decode|pd
-      --model <id>               model profile (qwen2.5-vl-7b): ${Object.keys(PROFILES).join(', ')}
+      --model <id>               model profile (qwen2.5-vl-7b); one of
+                                 ${Object.keys(PROFILES).join(', ')}
       --served-model-name <name> model name in /v1/models and answers (the profile id)
       --host <addr>              listen address, HTTP and decode's transfer engine (127.0.0.1)
       --port <n>                 HTTP port (0: any free port, printed)
@@ -13,6 +14,8 @@ export const WORKER_USAGE = `  worker --role <role> [options]  a SIMULATED E, P,
       --max-batched-tokens <n>   prompt tokens per prefill step (8192)
       --kv-timeout <t>           decode: deadline of a request's KV and metaserver call (120s)
       --block-wait <t>           longest wait for free KV blocks before 503 (30s)
+      --kv-quiesce <t>           decode: blocks of a failed request stay held this long unless
+                                 its prefill confirms it stopped writing (30s)
       --corrupt-kv <n,...>       fault injection (prefill): corrupt one KV byte of these requests
                                  (1-based); decode's byte check must fail them
 `;

@@ -60,6 +60,11 @@ export interface SimWorkerOptions {
   kvTimeoutMs?: number;
   /** Longest wait for free KV blocks before answering 503, ms. Default 30 000. */
   blockWaitMs?: number;
+  /**
+   * Decode: after a failed request, how long its blocks stay held when no sender
+   * confirms it stopped writing (LayerwiseReceiver `quiesceMs`), ms. Default 30 000.
+   */
+  kvQuiesceMs?: number;
   /** Decode: secret to sign /v1/metaserver calls with. Default: the EPD_PROXY_SECRET environment variable. */
   proxySecret?: string;
   /** Transfer-engine secret (handshake and tcp data). Default: EPD_TRANSFER_SECRET. */
@@ -136,7 +141,7 @@ export class SimWorker {
       const traces = role === 'prefill' ? new RequestTraces() : undefined;
       const sender = role === 'prefill' ? new LayerwiseSender(engine, cache!.layout, { trace: traces, ackTimeoutMs: 10_000 }) : undefined;
       if (sender) opened.push(() => sender.close());
-      const receiver = role === 'decode' ? new LayerwiseReceiver(engine, cache!.layout) : undefined;
+      const receiver = role === 'decode' ? new LayerwiseReceiver(engine, cache!.layout, { quiesceMs: options.kvQuiesceMs }) : undefined;
       if (receiver) opened.push(() => receiver.close());
       const runner = new ModelRunner(engine, profile, cache, {
         maxBatchedTokens: options.maxBatchedTokens,
