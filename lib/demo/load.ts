@@ -76,9 +76,15 @@ function random(seed: number): () => number {
 }
 
 /**
- * The requests of a run: about 40 % text, 35 % with a new image, 25 % repeating
- * an earlier image (the first image request is always new). Without `vision`,
- * text only. The same seed gives the same requests, byte for byte.
+ * Kinds in every ten requests: 4 text, 3 with a new image, 3 repeating an
+ * earlier image, interleaved so that any prefix of the load is a fair mix.
+ */
+const MIX: readonly RequestKind[] = ['image', 'text', 'image-repeat', 'text', 'image', 'text', 'image-repeat', 'image', 'text', 'image-repeat'];
+
+/**
+ * The requests of a run, in {@link MIX} proportions; the seed picks the texts,
+ * image sizes, which earlier image a repeat sends, and output lengths. Without
+ * `vision`, text only. The same seed gives the same requests, byte for byte.
  */
 export function planLoad(count: number, options: { seed: number; vision: boolean; runId: string }): LoadRequest[] {
   const rnd = random(options.seed);
@@ -86,8 +92,8 @@ export function planLoad(count: number, options: { seed: number; vision: boolean
   const urls = new Map<number, string>();
   const out: LoadRequest[] = [];
   for (let index = 0; index < count; index++) {
-    const r = rnd();
-    let kind: RequestKind = !options.vision || r < 0.4 ? 'text' : r < 0.75 || images.length === 0 ? 'image' : 'image-repeat';
+    let kind: RequestKind = options.vision ? MIX[index % MIX.length] : 'text';
+    if (kind === 'image-repeat' && images.length === 0) kind = 'image';
     const sentences = 1 + Math.floor(rnd() * 6);
     const text = Array.from({ length: sentences }, () => SENTENCES[Math.floor(rnd() * SENTENCES.length)]).join(' ');
     const maxTokens = 16 + Math.floor(rnd() * 33);
