@@ -63,15 +63,18 @@ function rect(x: number, y: number, w: number, h: number, fill: string, title: s
   return `<rect x="${x.toFixed(1)}" y="${y.toFixed(1)}" width="${Math.max(0.8, w).toFixed(1)}" height="${h}" fill="${fill}"${extra}><title>${esc(title)}</title></rect>`;
 }
 
+/** A time axis from 0 to `maxMs`: ticks in ms, or in s for spans of seconds; `label` gets the unit appended. */
 function xAxis(x0: number, width: number, y: number, maxMs: number, label: string): string {
-  const step = tickStep(maxMs, 8);
+  const seconds = maxMs >= 5_000;
+  const span = seconds ? maxMs / 1000 : maxMs;
+  const step = tickStep(span, 8);
   const parts: string[] = [`<line x1="${x0}" y1="${y}" x2="${x0 + width}" y2="${y}" stroke="#888"/>`];
-  for (let v = 0; v <= maxMs + 1e-9; v += step) {
-    const x = x0 + (v / maxMs) * width;
+  for (let v = 0; v <= span + 1e-9; v += step) {
+    const x = x0 + (v / span) * width;
     parts.push(`<line x1="${x.toFixed(1)}" y1="${y}" x2="${x.toFixed(1)}" y2="${y + 4}" stroke="#888"/>`);
-    parts.push(`<text x="${x.toFixed(1)}" y="${y + 15}" class="tick" text-anchor="middle">${v >= 1000 && step >= 1000 ? `${v / 1000}s` : `${+v.toFixed(3)}`}</text>`);
+    parts.push(`<text x="${x.toFixed(1)}" y="${y + 15}" class="tick" text-anchor="middle">${+v.toFixed(3)}</text>`);
   }
-  parts.push(`<text x="${x0 + width / 2}" y="${y + 30}" class="axis" text-anchor="middle">${esc(label)}</text>`);
+  parts.push(`<text x="${x0 + width / 2}" y="${y + 30}" class="axis" text-anchor="middle">${esc(`${label}, ${seconds ? 's' : 'ms'}`)}</text>`);
   return parts.join('');
 }
 
@@ -142,7 +145,7 @@ function timelineSvg(timelines: readonly RequestTimeline[], t0: number): string 
       parts.push(`<path d="M${ex - 4} ${y + 3} l8 8 M${ex + 4} ${y + 3} l-8 8" stroke="${COLORS.error}" stroke-width="2"><title>${esc(t.error ?? 'failed')}</title></path>`);
     }
   });
-  parts.push(xAxis(left, width, top + timelines.length * row + 4, end, 'ms since the load started'));
+  parts.push(xAxis(left, width, top + timelines.length * row + 4, end, 'time since the load started'));
   return `<svg viewBox="0 0 ${left + width + 20} ${height}" width="100%" role="img" aria-label="request timeline">${parts.join('')}</svg>`;
 }
 
@@ -174,7 +177,7 @@ function layerSvg(t: RequestTimeline): string {
     parts.push(`<line x1="${dx.toFixed(1)}" y1="${top}" x2="${dx.toFixed(1)}" y2="${bottom}" stroke="${COLORS.error}" stroke-dasharray="3 2"/>`);
     parts.push(`<text x="${(dx - 4).toFixed(1)}" y="${top - 4}" class="tick" text-anchor="end">decode has all KV (DONE)</text>`);
   }
-  parts.push(xAxis(left, width, bottom + 4, span, 'ms since the prefill step started'));
+  parts.push(xAxis(left, width, bottom + 4, span, 'time since the prefill step started'));
   return `<svg viewBox="0 0 ${left + width + 20} ${bottom + 44}" width="100%" role="img" aria-label="layer overlap">${parts.join('')}</svg>`;
 }
 
@@ -228,9 +231,9 @@ function histogramSvg(values: readonly number[], axisLabel: string, color: strin
   const parts = counts.map((c, i) =>
     rect(left + i * bw + 0.5, top + height - (c / peak) * height, bw - 1, (c / peak) * height, color, `${((i * max) / bins).toFixed(1)}–${(((i + 1) * max) / bins).toFixed(1)} ms: ${c}`),
   );
-  parts.push(`<text x="${left - 4}" y="${top + 8}" class="tick" text-anchor="end">${peak}</text>`);
   parts.push(xAxis(left, width, top + height, max, `${axisLabel}${clipped > 0 ? ` (${clipped} above ${max.toFixed(0)} ms not shown)` : ''}`));
-  return `<svg viewBox="0 0 ${left + width + 20} ${top + height + 40}" width="100%" role="img">${parts.join('')}</svg>`;
+  parts.push(`<text x="${left}" y="${top + height + 44}" class="tick">bar height: number of gaps (tallest ${peak})</text>`);
+  return `<svg viewBox="0 0 ${left + width + 20} ${top + height + 52}" width="100%" role="img">${parts.join('')}</svg>`;
 }
 
 function row(label: string, value: string, note = ''): string {
@@ -303,8 +306,8 @@ ${layerSvg(showcase)}` : ''}
 
 <h2>Latency</h2>
 <div class="grid">
-<div><h3>Time to first token (CDF)</h3>${cdfSvg(ttftSeries, 'TTFT, ms')}</div>
-<div><h3>Inter-token latency</h3>${histogramSvg(input.itlMs, 'gap between tokens, ms', COLORS.decode)}</div>
+<div><h3>Time to first token (CDF)</h3>${cdfSvg(ttftSeries, 'time to first token')}</div>
+<div><h3>Inter-token latency</h3>${histogramSvg(input.itlMs, 'gap between two tokens', COLORS.decode)}</div>
 </div>
 
 ${errors.length > 0 ? `<h2>Errors</h2><table>${errors.map((e) => row(`#${e.index} ${e.kind}`, e.error ?? 'failed', e.id)).join('')}</table>` : ''}
