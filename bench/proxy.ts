@@ -2,8 +2,8 @@
  * bench proxy: what the EPD proxy adds to a request. Two processes answer
  * instantly — a worker, and the proxy in front of it — and a third (this one)
  * sends the same open-loop load (a fixed rate, not "as fast as possible") straight
- * to the worker and through the proxy at the same time, the two request streams
- * interleaved, so both see the same machine. The figures are the differences of
+ * to the worker and through the proxy, alternating every 250 ms, so both see the
+ * same machine while each gets exactly the offered rate. The figures are the differences of
  * the latency percentiles (the load generator's own cost cancels out), and the
  * proxy's capacity measured closed-loop next to the worker's.
  *
@@ -139,40 +139,47 @@ class Target {
   }
 }
 
-/**
- * Open loop over several targets at once: every target gets `rate` requests/s for
- * `durationMs`, each request sent at its scheduled time whatever the others do,
- * and the targets' schedules interleaved (offset by a fraction of the period) so
- * that every moment of the machine — a GC, another process — hits all of them alike.
- */
-async function openLoop(targets: Target[], rate: number, durationMs: number): Promise<Array<{ latencies: number[]; sent: number; seconds: number }>> {
+/** Open loop: `rate` requests/s for `durationMs` to one target, each sent at its scheduled time whatever the others do. */
+async function openLoop(target: Target, rate: number, durationMs: number, latencies: number[]): Promise<{ sent: number; seconds: number }> {
   const period = 1000 / rate;
-  const perTarget = Math.max(1, Math.round((durationMs / 1000) * rate));
-  const total = perTarget * targets.length;
-  const slot = period / targets.length;
-  const out = targets.map(() => ({ latencies: [] as number[], sent: 0, seconds: 0 }));
+  const total = Math.max(1, Math.round((durationMs / 1000) * rate));
   const pending: Promise<void>[] = [];
   const start = performance.now();
   let sent = 0;
   while (sent < total) {
     const now = performance.now();
     // Send everything that is due (the timer may fire late), then sleep until the next one.
-    while (sent < total && start + sent * slot <= now) {
-      const i = sent % targets.length;
-      const record = out[i];
-      pending.push(targets[i].once().then((ms) => void (Number.isNaN(ms) || record.latencies.push(ms))));
-      record.sent++;
+    while (sent < total && start + sent * period <= now) {
+      pending.push(target.once().then((ms) => void (Number.isNaN(ms) || latencies.push(ms))));
       sent++;
     }
-    if (sent < total) await sleep(Math.max(0, start + sent * slot - performance.now()));
+    if (sent < total) await sleep(Math.max(0, start + sent * period - performance.now()));
   }
   const seconds = (performance.now() - start) / 1000;
   await Promise.all(pending);
-  for (const o of out) {
-    o.seconds = seconds;
-    o.latencies.sort((a, b) => a - b);
+  return { sent, seconds };
+}
+
+/** Length of one slice of the alternation between the targets (ms). */
+const SLICE_MS = 250;
+
+/**
+ * One measured run: `durationMs` of load per target, sent in alternating slices
+ * of SLICE_MS (direct, proxied, direct, …), so that a busy moment of the machine —
+ * a GC, another process — falls on both sides alike while each side still gets
+ * exactly `rate` requests/s.
+ */
+async function alternate(targets: Target[], rate: number, durationMs: number): Promise<Array<{ latencies: number[]; rate: number }>> {
+  const out = targets.map(() => ({ latencies: [] as number[], sent: 0, seconds: 0 }));
+  for (let done = 0; done < durationMs; done += SLICE_MS) {
+    const slice = Math.min(SLICE_MS, durationMs - done);
+    for (const [i, t] of targets.entries()) {
+      const r = await openLoop(t, rate, slice, out[i].latencies);
+      out[i].sent += r.sent;
+      out[i].seconds += r.seconds;
+    }
   }
-  return out;
+  return out.map((o) => ({ latencies: o.latencies.sort((a, b) => a - b), rate: o.sent / o.seconds }));
 }
 
 export async function runProxyBench(options: ProxyBenchOptions): Promise<ProxyBenchResult> {
@@ -185,22 +192,23 @@ export async function runProxyBench(options: ProxyBenchOptions): Promise<ProxyBe
     const proxied = new Target(proxy.url, BODY(options.stream));
     targets.push(direct, proxied);
 
-    // Warm up both paths (connections, JIT) at the measured rate.
-    await openLoop([direct, proxied], options.rate, Math.min(1000, options.durationMs));
+    // Warm up both paths at the measured rate until connections are open and the JIT has
+    // settled: the figure is the proxy's steady state, not its first second.
+    await alternate([direct, proxied], options.rate, Math.min(2000, 2 * options.durationMs));
     direct.errors = 0;
     proxied.errors = 0;
 
     const runs: Array<{ direct: LatencyFigures; proxied: LatencyFigures; rate: number }> = [];
     for (let r = 0; r < options.runs; r++) {
-      // Alternate which target leads the interleaving.
+      // Alternate which target leads.
       const order = r % 2 === 0 ? [direct, proxied] : [proxied, direct];
-      const results = await openLoop(order, options.rate, options.durationMs);
+      const results = await alternate(order, options.rate, options.durationMs);
       const of = (t: Target) => results[order.indexOf(t)];
       const figures = (t: Target): LatencyFigures => {
         const l = of(t).latencies;
         return { p50Ms: percentile(l, 50), p99Ms: percentile(l, 99), requests: l.length };
       };
-      runs.push({ direct: figures(direct), proxied: figures(proxied), rate: of(proxied).sent / of(proxied).seconds });
+      runs.push({ direct: figures(direct), proxied: figures(proxied), rate: of(proxied).rate });
     }
 
     const directRps = await direct.closedLoop(options.concurrency, options.durationMs);
@@ -235,7 +243,7 @@ export async function runProxyBench(options: ProxyBenchOptions): Promise<ProxyBe
 }
 
 export function printProxyResult(r: ProxyBenchResult): void {
-  printTable(`bench proxy: ${r.rate} req/s open loop to each side (interleaved), ${r.runs} runs x ${r.durationMs} ms, ${r.stream ? 'SSE stream' : 'JSON'} answers (median over runs)`, [
+  printTable(`bench proxy: ${r.rate} req/s open loop, direct and proxied alternating every ${SLICE_MS} ms, ${r.runs} runs x ${r.durationMs} ms, ${r.stream ? 'SSE stream' : 'JSON'} answers (median over runs)`, [
     ['straight to worker p50 / p99', `${r.direct.p50Ms} / ${r.direct.p99Ms} ms`],
     ['through the proxy  p50 / p99', `${r.proxied.p50Ms} / ${r.proxied.p99Ms} ms`],
     ['added p50', `${r.addedP50Ms} ms`],

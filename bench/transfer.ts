@@ -105,8 +105,20 @@ async function runTarget(): Promise<void> {
   const engine = await TransferEngine.open();
   const region = engine.allocate(regionBytes);
   fillPattern(region.buffer!, 7);
-  process.on('message', async (m: { cmd: string }) => {
+  let pumpHandle: object | null = null;
+  process.on('message', async (m: { cmd: string; connections?: number; blockBytes?: number }) => {
     if (m.cmd === 'hash') process.send!({ hash: sha1(region.buffer!) });
+    // The receiving end of the reference pump lives here, where the transport's does.
+    if (m.cmd === 'pump-listen') {
+      const r = native.tcpPumpReceiver(m.connections!, m.blockBytes!, region.buffer!);
+      pumpHandle = r.handle;
+      process.send!({ port: r.port });
+    }
+    if (m.cmd === 'pump-close') {
+      if (pumpHandle) native.tcpPumpReceiverClose(pumpHandle);
+      pumpHandle = null;
+      process.send!({});
+    }
     if (m.cmd === 'exit') {
       await engine.close();
       process.exit(0);
@@ -190,11 +202,14 @@ export async function runTransferBench(opts: TransferBenchOptions): Promise<Tran
     let descriptors = 0;
     let seconds = 0;
     for (let r = 0; r < opts.runs; r++) {
-      refRuns.push(
-        tcp
-          ? native.tcpPump(connections, opts.blockBytes, local.buffer!, reference.buffer!, Math.min(500, opts.runMillis))
-          : native.memcpyBandwidth(reference.buffer!, local.buffer!, opts.blockBytes, Math.min(300, opts.runMillis)),
-      );
+      if (tcp) {
+        // Sender here, receiver in the target process: the topology of the transport itself.
+        const { port } = await request<{ port: number }>(child, { cmd: 'pump-listen', connections, blockBytes: opts.blockBytes });
+        refRuns.push(native.tcpPumpSend(port, connections, opts.blockBytes, local.buffer!, Math.min(500, opts.runMillis)));
+        await request(child, { cmd: 'pump-close' });
+      } else {
+        refRuns.push(native.memcpyBandwidth(reference.buffer!, local.buffer!, opts.blockBytes, Math.min(300, opts.runMillis)));
+      }
       const run = await pump(engine, peer, local, target.region, opts, state, performance.now() + opts.runMillis);
       rates.push(run.bytes / run.seconds / 1e9);
       descriptors += run.descriptors;
@@ -226,7 +241,7 @@ export async function runTransferBench(opts: TransferBenchOptions): Promise<Tran
       gbpsMax: round(g.max),
       referenceGbps: round(ref.median),
       reference: tcp
-        ? `raw loopback TCP socket pump, ${connections} connection(s), same block size, same working-set size, same run`
+        ? `raw loopback TCP socket pump between the same two processes, ${connections} connection(s), same block size, same working-set size, same run`
         : 'single-thread memcpy, same block size, same working-set size, same run',
       ratio: round(g.median / ref.median, 3),
       descriptorsPerSec: Math.round(descriptors / seconds),

@@ -19,6 +19,8 @@ import { ControlClient, ControlServer, dataKey, parseAddress, type ControlSessio
 import { WIRE_VERSION, type SegmentDescriptor } from './meta/wire.js';
 import { resolveLink, type LinkOptions, type NativeLinkSpec } from './link.js';
 import { addonPath, COUNTER_NAMES, native, type NativeEngine } from './native.js';
+import { vendorBackends } from './probe.js';
+import { HCCL_CLOSE, HcclResponder, hcclAgree, hcclConnect, hcclLanded } from './vendor/hccl.js';
 import { badArgument, expectInteger, expectOptionalObject, expectString, expectTimeout } from './validate.js';
 
 /** Options of {@link TransferEngine.open}. */
@@ -71,6 +73,18 @@ export interface EngineOptions {
   /** Port of the tcp data listener. Default 0 (any free port). */
   dataPort?: number;
   /**
+   * Start a Mooncake transfer engine (libtransfer_engine.so, loaded at run time) so
+   * peers can be reached with `transport: 'mooncake'` (RDMA, HCCS on Ascend, TCP).
+   * `true` takes the defaults. Every region of this engine is registered with it.
+   * Fails open() with ERR_BACKEND_UNAVAILABLE where Mooncake cannot run.
+   */
+  mooncake?: boolean | MooncakeOptions;
+  /**
+   * Accept and open `transport: 'hccl'` links: HCCL point-to-point between NPUs
+   * (libhccl.so, loaded at run time). Needs `device: 'acl'`; moves device regions only.
+   */
+  hccl?: boolean;
+  /**
    * Emulate a link to every peer of this engine (each peer gets its own link):
    * real transfers are paced to `{ bandwidth, latency, jitter, seed }`, with optional
    * fault injection. See {@link LinkOptions} and docs/TCP.md. Default: none.
@@ -78,8 +92,38 @@ export interface EngineOptions {
   link?: LinkOptions;
 }
 
-/** Which transport reaches a peer. */
-export type TransportChoice = 'auto' | 'shm' | 'tcp';
+/** Which transport reaches a peer. `mooncake` and `hccl` need the engine opened with them. */
+export type TransportChoice = 'auto' | 'shm' | 'tcp' | 'mooncake' | 'hccl';
+
+/** Options of the Mooncake engine a TransferEngine starts (docs/VENDOR.md). */
+export interface MooncakeOptions {
+  /** Metadata connection string: `P2PHANDSHAKE` (default), `etcd://h:p`, `redis://h:p`, `http://h:p/metadata`. */
+  metadata?: string;
+  /** Host name or IP peers reach this engine at. Default: the control `host`, or the hostname when that is a wildcard. */
+  hostname?: string;
+  /** RPC port outside P2PHANDSHAKE mode (that mode binds a free one). Default 12001. */
+  rpcPort?: number;
+  /**
+   * Protocol to install: `rdma`, `tcp`, `ascend`, ... Default: none, and Mooncake
+   * discovers the topology and installs what the host has.
+   */
+  protocol?: string;
+  /** NIC priority matrix (JSON) for `rdma`. */
+  nicPriorityMatrix?: string;
+}
+
+function resolveMooncake(value: unknown, host: string): { metadata: string; hostname: string; rpcPort: number; protocol: string; nicPriorityMatrix: string } {
+  const o = value === true ? {} : (expectOptionalObject(value, 'options.mooncake') as MooncakeOptions);
+  const str = (v: unknown, name: string, def: string): string => (v === undefined ? def : expectString(v, name));
+  const wildcard = host === '0.0.0.0' || host === '::' || host === '';
+  return {
+    metadata: str(o.metadata, 'options.mooncake.metadata', 'P2PHANDSHAKE'),
+    hostname: str(o.hostname, 'options.mooncake.hostname', wildcard ? os.hostname() : host),
+    rpcPort: o.rpcPort === undefined ? 12001 : expectInteger(o.rpcPort, 'options.mooncake.rpcPort', 1, 65535),
+    protocol: str(o.protocol, 'options.mooncake.protocol', ''),
+    nicPriorityMatrix: str(o.nicPriorityMatrix, 'options.mooncake.nicPriorityMatrix', ''),
+  };
+}
 
 /** Options of {@link TransferEngine.connect}. */
 export interface ConnectOptions {
@@ -131,7 +175,9 @@ const STRIDE = 5;
 const DEFAULT_CONNECTIONS = 2;
 
 function expectTransport(value: unknown, name: string): TransportChoice {
-  if (value !== 'auto' && value !== 'shm' && value !== 'tcp') badArgument(name, '"auto", "shm" or "tcp"', value);
+  if (value !== 'auto' && value !== 'shm' && value !== 'tcp' && value !== 'mooncake' && value !== 'hccl') {
+    badArgument(name, '"auto", "shm", "tcp", "mooncake" or "hccl"', value);
+  }
   return value;
 }
 
@@ -307,7 +353,9 @@ export class Peer {
     private segment: SegmentDescriptor,
     private readonly client: ControlClient,
     /** The transport that moves this peer's bytes. */
-    readonly transport: 'shm' | 'tcp' = 'shm',
+    readonly transport: 'shm' | 'tcp' | 'mooncake' | 'hccl' = 'shm',
+    /** @internal hccl: the session the peer knows this link by. */
+    readonly hcclSession?: string,
   ) {}
 
   get name(): string {
@@ -384,6 +432,8 @@ export class TransferEngine {
   private closing: Promise<void> | null = null;
   private closed = false;
   private dataAddress: string | undefined;
+  private mooncakeSegment: string | undefined;
+  private hccl: HcclResponder | undefined;
 
   private constructor(
     private readonly options: Required<Pick<EngineOptions, 'threads' | 'chunkBytes' | 'timeoutMs' | 'connectTimeoutMs' | 'device' | 'deviceId'>> & {
@@ -436,6 +486,20 @@ export class TransferEngine {
     const dataPort = o.dataPort === undefined ? 0 : expectInteger(o.dataPort, 'options.dataPort', 0, 65535);
     if (o.reclaimStale !== false) native.reclaimStaleShm();
     const engine = new TransferEngine(resolved, name, null);
+    try {
+      if (o.mooncake !== undefined && o.mooncake !== false) {
+        engine.mooncakeSegment = engine.native.mooncakeStart(resolveMooncake(o.mooncake, host));
+      }
+      if (o.hccl === true) {
+        engine.native.hcclEnable();
+        engine.hccl = new HcclResponder(engine.native);
+        for (const [topic, handler] of engine.hccl.handlers()) engine.handlers.set(topic, handler);
+      }
+    } catch (err) {
+      engine.native.close();
+      openOnExit.delete(engine.exitRef);
+      throw err;
+    }
     if (o.listen !== false) {
       try {
         if (o.tcp !== false) engine.dataAddress = engine.native.tcpListen(dataHost, dataPort);
@@ -466,12 +530,26 @@ export class TransferEngine {
     return this.server?.address;
   }
 
-  /** What this engine can do. */
-  capabilities(): { device: string; deviceId: number; transports: string[]; threads: number; chunkBytes: number; wireVersion: number; napiVersion: number; addon: string } {
+  /**
+   * What this engine can do: its device, the transports it can reach peers with, and
+   * what each vendor backend found on this host (`backends`: available or why not).
+   */
+  capabilities(): {
+    device: string;
+    deviceId: number;
+    transports: string[];
+    backends: ReturnType<typeof vendorBackends>;
+    threads: number;
+    chunkBytes: number;
+    wireVersion: number;
+    napiVersion: number;
+    addon: string;
+  } {
     return {
       device: this.device.kind,
       deviceId: this.options.deviceId,
-      transports: ['shm', 'tcp'],
+      transports: ['shm', 'tcp', ...(this.mooncakeSegment ? ['mooncake'] : []), ...(this.hccl ? ['hccl'] : [])],
+      backends: vendorBackends(),
       threads: this.options.threads,
       chunkBytes: this.options.chunkBytes,
       wireVersion: WIRE_VERSION,
@@ -550,16 +628,41 @@ export class TransferEngine {
     };
     if (this.closed || this.closing) fail(new TransferError('engine is closed', 'ERR_CLOSED'));
     const sameHost = segment.bootId === this.bootId;
+    const vendor = transport === 'mooncake' || transport === 'hccl';
     const useTcp = transport === 'tcp' || (transport === 'auto' && !sameHost);
-    if (!useTcp && !sameHost) {
+    if (vendor) {
+      if (transport === 'mooncake' && !this.mooncakeSegment) fail(new TransferError('this engine was not opened with mooncake', 'ERR_BACKEND_UNAVAILABLE'));
+      if (transport === 'mooncake' && !segment.mooncake) fail(new TransferError(`peer '${segment.name}' at ${address} did not open with mooncake`, 'ERR_BACKEND_UNAVAILABLE'));
+      if (transport === 'hccl' && !this.hccl) fail(new TransferError('this engine was not opened with hccl', 'ERR_BACKEND_UNAVAILABLE'));
+      // HCCL batches are agreed with the peer whole; a link emulator would cut them.
+      if (transport === 'hccl' && link) fail(new TransferError('link emulation is not available over hccl', 'ERR_BAD_ARGUMENT'));
+    } else if (!useTcp && !sameHost) {
       fail(new TransferError(`peer '${segment.name}' at ${address} is on another host; the shm transport reaches only this host`, 'ERR_BACKEND_UNAVAILABLE'));
     }
     if (useTcp && !segment.tcp) {
       fail(new TransferError(`peer '${segment.name}' at ${address} has no tcp data listener`, 'ERR_BACKEND_UNAVAILABLE'));
     }
     let id = 0;
+    let hcclSession: string | undefined;
     try {
-      if (useTcp) {
+      if (transport === 'mooncake') {
+        id = this.native.addPeer(segment.name, sameHost ? segment.pid : 0, segment.regions, {
+          transport: 'mooncake',
+          link,
+          mooncake: { segment: segment.mooncake!.segment },
+        });
+      } else if (transport === 'hccl') {
+        const joined = await hcclConnect(
+          this.native,
+          (topic, body, ms) => client.call(topic, body, ms),
+          segment,
+          sameHost ? segment.pid : 0,
+          Math.max(1, timeoutMs - (Date.now() - started)),
+        );
+        id = joined.peerId;
+        hcclSession = joined.session;
+        if (this.closed || this.closing) throw new TransferError('engine is closed', 'ERR_CLOSED');
+      } else if (useTcp) {
         const grant = Buffer.from(segment.tcp!.grant, 'hex');
         const { host } = parseAddress(address);
         id = this.native.addPeer(segment.name, sameHost ? segment.pid : 0, segment.regions, {
@@ -582,7 +685,7 @@ export class TransferEngine {
       if (id !== 0 && !this.closed) this.native.dropPeer(id, 'ERR_PEER_LOST', true);
       fail(err);
     }
-    const peer = new Peer(this, id, address, segment, client, useTcp ? 'tcp' : 'shm');
+    const peer = new Peer(this, id, address, segment, client, vendor ? transport : useTcp ? 'tcp' : 'shm', hcclSession);
     this.peers.set(key, peer);
     client.onClose((err) => {
       peer._markLost(err);
@@ -672,9 +775,10 @@ export class TransferEngine {
       pid: process.pid,
       bootId: this.bootId,
       hostname: os.hostname(),
-      transports: this.dataAddress ? ['shm', 'tcp'] : ['shm'],
+      transports: [...(this.dataAddress ? ['shm', 'tcp'] : ['shm']), ...(this.mooncakeSegment ? ['mooncake'] : []), ...(this.hccl ? ['hccl'] : [])],
       regions,
     };
+    if (this.mooncakeSegment) segment.mooncake = { segment: this.mooncakeSegment };
     if (this.dataAddress && !this.closed) {
       // Each control connection gets its own grant: its data connections may touch
       // exactly the regions described to it, and lose them when it closes.
@@ -687,6 +791,7 @@ export class TransferEngine {
   }
 
   private endSession(session: ControlSession): void {
+    if (!this.closed) this.hccl?.endSession(session);
     if (session.grant && !this.closed) this.native.tcpRevoke(Buffer.from(session.grant, 'hex'));
   }
 
@@ -695,6 +800,46 @@ export class TransferEngine {
     if (!(isTransferError(err, 'ERR_PEER_LOST') || isTransferError(err, 'ERR_PROTOCOL')) || peer.lost) return;
     peer._markLost(err);
     peer.disconnect();
+  }
+
+  /**
+   * hccl: the batch is held (validated, pinned, nothing posted) until the peer has
+   * posted the mirror half; then it is released. A refusal drops it unposted.
+   */
+  private async agreeHccl(
+    peer: Peer,
+    op: 0 | 1,
+    batchId: number,
+    data: Float64Array,
+    count: number,
+    timeoutMs: number,
+    done: Promise<number>,
+  ): Promise<{ landed?: Promise<void> }> {
+    const request = (topic: string, body: unknown, ms: number) => peer.request(topic, body, { timeoutMs: ms });
+    // `done` may settle while we wait for the peer (a link already closed); the
+    // caller awaits it afterwards, or sees the peer's refusal instead.
+    done.catch(() => {});
+    let remoteId: number;
+    try {
+      remoteId = await hcclAgree(request, peer.hcclSession!, op, data, count, timeoutMs);
+    } catch (err) {
+      this.native.abort(batchId, isTransferError(err, 'ERR_TIMEOUT') ? 'ERR_TIMEOUT' : 'ERR_ABORTED');
+      throw err;
+    }
+    try {
+      this.native.hcclRelease(batchId);
+    } catch {
+      // Stopped (deadline, abort) while the peer posted its half, which now has no
+      // partner: the link is unusable. `done` rejects with the stop reason.
+      request(HCCL_CLOSE, { session: peer.hcclSession }, 1_000).catch(() => {});
+      peer._markLost(new TransferError(`hccl link to peer '${peer.name}' closed: a batch stopped after the peer posted its half`, 'ERR_PEER_LOST'));
+      if (!this.closed) this.native.dropPeer(peer.nativeId, 'ERR_PEER_LOST', false);
+      return {};
+    }
+    if (op !== 0) return {}; // a read landed when our own receive completed
+    const landed = hcclLanded(request, peer.hcclSession!, remoteId, timeoutMs);
+    landed.catch(() => {}); // awaited after `done`
+    return { landed };
   }
 
   /** @internal Throws ERR_CLOSED once close() has begun. */
@@ -733,7 +878,9 @@ export class TransferEngine {
     signal?.addEventListener('abort', onAbort, { once: true });
     this.inflight.add(done);
     try {
+      const hccl = peer.transport === 'hccl' ? await this.agreeHccl(peer, op, batchId, data, count, timeoutMs, done) : undefined;
       const bytes = await done;
+      await hccl?.landed;
       return { bytes, descriptors: count };
     } catch (err) {
       this.noteLoss(peer, err);

@@ -27,11 +27,17 @@ export interface NativeRegionSpec {
   offset?: number;
   /** Device IPC key (device regions). */
   ipcKey?: string;
+  /** The region's address in the peer, hex (engines opened with mooncake). */
+  addr?: string;
 }
 
 /** How the engine reaches one peer (lib/engine.ts builds it). */
 export interface NativePeerOptions {
-  transport: 'shm' | 'tcp';
+  transport: 'shm' | 'tcp' | 'mooncake' | 'hccl';
+  /** mooncake: the peer's segment name. */
+  mooncake?: { segment: string };
+  /** hccl: the joined communicator, and whether this side initiates (holds batches until released). */
+  hccl?: { link: number; initiator: boolean };
   link?: NativeLinkSpec;
   tcp?: { addresses: string[]; grant: Buffer; key: Buffer; connections: number; connectTimeoutMs: number };
 }
@@ -93,6 +99,18 @@ export interface NativeEngine {
   deviceIpcProcessId(): number;
   /** Lets process `pid` import `key` ('' = every key this device exported or will export). */
   deviceIpcAllow(key: string, pid: number): void;
+  /** Creates this engine's Mooncake engine; returns its segment name. */
+  mooncakeStart(options: { metadata: string; hostname: string; rpcPort: number; protocol: string; nicPriorityMatrix: string }): string;
+  /** Creates the hccl transport now (fails where HCCL cannot run). */
+  hcclEnable(): void;
+  /** HcclGetRootInfo: the 4108-byte blob the other rank joins with. */
+  hcclRootInfo(): Buffer;
+  /** Joins a two-rank communicator off the JS thread; resolves with a link id for addPeer. */
+  hcclJoin(rootInfo: Uint8Array, rank: 0 | 1): Promise<number>;
+  /** Posts a batch held for an initiating hccl peer. */
+  hcclRelease(batchId: number): void;
+  /** Drops a joined link no peer took. */
+  hcclDiscard(link: number): void;
 }
 
 /** What one vendor backend found on this host (see docs/VENDOR.md). */
@@ -186,7 +204,12 @@ export interface NativeBinding {
   linkSchedule(spec: NativeLinkSpec, sizes: number[]): Float64Array;
   /** HMAC-SHA256 as the data connections compute it (checked against node:crypto by the tests). */
   hmacSha256(key: ArrayBufferView, message: ArrayBufferView): Buffer;
-  /** Raw loopback socket pump: GB/s over `connections` connections moving `blockBytes` pieces from `src` into `dst`. */
+  /** Receiving end of a two-process loopback pump: drains `connections` connections into `dst`. */
+  tcpPumpReceiver(connections: number, blockBytes: number, dst: ArrayBufferView): { port: number; handle: object };
+  tcpPumpReceiverClose(handle: object): void;
+  /** Sending end: GB/s sent over `connections` connections to the receiver on `port`, `blockBytes` per send, from `src`. */
+  tcpPumpSend(port: number, connections: number, blockBytes: number, src: ArrayBufferView, millis: number): number;
+  /** Raw loopback socket pump in this process: GB/s over `connections` connections moving `blockBytes` pieces from `src` into `dst`. */
   tcpPump(connections: number, blockBytes: number, src: ArrayBufferView, dst: ArrayBufferView, millis: number): number;
   wireVersion: number;
   napiVersion: number;

@@ -121,8 +121,11 @@ bool ValidName(const std::string& name) {
 }
 
 uint64_t PidNamespace() {
-  struct stat st;
-  return stat("/proc/self/ns/pid", &st) == 0 ? static_cast<uint64_t>(st.st_ino) : 0;
+  static const uint64_t ns = [] {
+    struct stat st;
+    return stat("/proc/self/ns/pid", &st) == 0 ? static_cast<uint64_t>(st.st_ino) : 0;
+  }();
+  return ns;
 }
 
 timespec DeadlineIn(uint32_t ms) {
@@ -196,7 +199,7 @@ Result Plan(const OpenOptions& o, LayoutPlan* p) {
 
 }  // namespace
 
-bool ProcessStartTime(long pid, unsigned long long* out) {
+bool ProcessStartTime(long pid, unsigned long long* out, char* state) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
   if (!in) return false;
   std::string line;
@@ -205,7 +208,9 @@ bool ProcessStartTime(long pid, unsigned long long* out) {
   if (close == std::string::npos || close + 2 > line.size()) return false;
   std::istringstream fields(line.substr(close + 2));
   std::string field;
-  for (int i = 3; i < 22; ++i) fields >> field;  // fields after ')' start at #3; start time is #22
+  fields >> field;  // #3: state
+  if (state != nullptr) *state = field.empty() ? '?' : field[0];
+  for (int i = 4; i < 22; ++i) fields >> field;  // start time is #22
   return static_cast<bool>(fields >> *out);
 }
 
@@ -638,7 +643,9 @@ bool Store::AttachmentAlive(uint32_t a) const {
   if (at.state != 1) return false;
   if (at.pid_ns != 0 && at.pid_ns != PidNamespace()) return true;  // cannot judge another namespace
   unsigned long long start = 0;
-  if (ProcessStartTime(at.pid, &start)) return start == at.start_time;
+  char state = '?';
+  // A zombie (killed, not yet reaped by its parent) holds nothing any more: dead.
+  if (ProcessStartTime(at.pid, &start, &state)) return start == at.start_time && state != 'Z' && state != 'X';
   // No readable /proc entry: gone, unless the pid exists and /proc hides it from us.
   return kill(at.pid, 0) == 0 || errno == EPERM;
 }

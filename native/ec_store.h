@@ -198,8 +198,9 @@ class Store {
   bool closed_ = false;
 };
 
-// Canonical identity of this process: (pid, start time in clock ticks since boot).
-bool ProcessStartTime(long pid, unsigned long long* out);
+// A process's start time (clock ticks since boot; with the pid it names one process
+// for the life of the boot) and its state letter (R, S, Z = zombie, …) from /proc.
+bool ProcessStartTime(long pid, unsigned long long* out, char* state = nullptr);
 
 }  // namespace ec
 }  // namespace epd

@@ -37,7 +37,46 @@ Engine::Engine(const EngineOptions& options, std::function<void()> notify)
       pool_(std::make_unique<WorkQueue>(options.threads)),
       shm_(CreateShmTransport(pool_.get(), device_.get(), options.chunk_bytes,
                               [this](std::shared_ptr<Batch> b) { OnTransportDone(std::move(b)); })),
-      tcp_(CreateTcpTransport([this](std::shared_ptr<Batch> b) { OnTransportDone(std::move(b)); })) {}
+      tcp_(CreateTcpTransport([this](std::shared_ptr<Batch> b) { OnTransportDone(std::move(b)); })) {
+  // Vendor engines that register memory learn of every region (vendor/transports.h).
+  regions_.on_add = [this](Region& r) { return mooncake_ ? mooncake_->RegisterRegion(r) : Status::Ok(); };
+  regions_.on_release = [this](Region& r) {
+    if (mooncake_) mooncake_->UnregisterRegion(r);
+  };
+}
+
+Status Engine::StartMooncake(const MooncakeOptions& options) {
+  if (shut_down_) return Status(Code::kClosed, "engine is closed");
+  if (mooncake_) return Status(Code::kBadArgument, "mooncake is already started on this engine");
+  std::unique_ptr<MooncakeTransport> t;
+  EPD_RETURN_IF_ERROR(CreateMooncakeTransport(options, device_.get(),
+                                              [this](std::shared_ptr<Batch> b) { OnTransportDone(std::move(b)); }, &t));
+  // Regions made before it started become reachable too.
+  Status st;
+  std::vector<Region*> done;
+  regions_.ForEach([&](Region& r) {
+    if (!st.ok() || r.freeing) return;
+    st = t->RegisterRegion(r);
+    if (st.ok()) done.push_back(&r);
+  });
+  if (!st.ok()) {
+    for (Region* r : done) t->UnregisterRegion(*r);
+    t->Shutdown();
+    return st;
+  }
+  mooncake_ = std::move(t);
+  return Status::Ok();
+}
+
+Status Engine::Hccl(HcclTransport** out) {
+  if (shut_down_) return Status(Code::kClosed, "engine is closed");
+  if (!hccl_) {
+    EPD_RETURN_IF_ERROR(
+        CreateHcclTransport(device_.get(), [this](std::shared_ptr<Batch> b) { OnTransportDone(std::move(b)); }, &hccl_));
+  }
+  *out = hccl_.get();
+  return Status::Ok();
+}
 
 Engine::~Engine() { Shutdown(); }
 
@@ -49,6 +88,13 @@ Status Engine::AddPeer(const std::string& name, int pid, const std::vector<Remot
     base = shm_.get();
   } else if (config.transport == "tcp") {
     base = tcp_.get();
+  } else if (config.transport == "mooncake") {
+    if (!mooncake_) return Status(Code::kBackendUnavailable, "this engine was not opened with mooncake");
+    base = mooncake_.get();
+  } else if (config.transport == "hccl") {
+    HcclTransport* h = nullptr;
+    EPD_RETURN_IF_ERROR(Hccl(&h));
+    base = h;
   } else {
     return Status(Code::kBackendUnavailable, "transport '" + config.transport + "' is not built into this engine");
   }
@@ -61,6 +107,9 @@ Status Engine::AddPeer(const std::string& name, int pid, const std::vector<Remot
     return Status(Code::kPeerLost, "peer process " + std::to_string(pid) + " is not running");
   }
   peer->tcp = config.tcp;
+  peer->vendor = config.vendor;
+  peer->device_memory = base->AddressesDeviceMemory();
+  peer->device_memory_only = base->RequiresDeviceMemory();
   peer->transport = base;
   if (config.link.enabled()) {
     if (!link_timer_) link_timer_ = std::make_unique<LinkTimer>();
@@ -168,9 +217,17 @@ Status Engine::Resolve(Op op, Peer* peer, const double* desc, size_t count, Batc
     Region* local = nullptr;
     Status st = regions_.Lookup(local_id, &local);
     if (!st.ok()) return Status(st.code(), DescriptorField(i, "localRegion: ") + st.message());
-    if (local->ptr == nullptr) {
-      return Status(Code::kBackendUnavailable,
-                    DescriptorField(i, "localRegion is device memory the shm transport cannot address"));
+    uint8_t* local_base = local->ptr;
+    if (peer->device_memory_only && local->kind != RegionKind::kDevice) {
+      return Status(Code::kBadArgument, DescriptorField(i, "localRegion is host memory; the ") +
+                                            peer->transport->name() + " transport moves device memory only");
+    }
+    if (local_base == nullptr && peer->device_memory) {
+      local_base = reinterpret_cast<uint8_t*>(static_cast<uintptr_t>(local->device_ptr));
+    }
+    if (local_base == nullptr) {
+      return Status(Code::kBackendUnavailable, DescriptorField(i, "localRegion is device memory the ") +
+                                                   peer->transport->name() + " transport cannot address");
     }
     if (local_off > local->length || length > local->length - local_off) {
       return Status(Code::kOutOfRange, DescriptorField(i, "local range [") + std::to_string(local_off) + ", +" +
@@ -193,7 +250,7 @@ Status Engine::Resolve(Op op, Peer* peer, const double* desc, size_t count, Batc
                                     remote.mapping) == batch->remote_mappings.end()) {
       batch->remote_mappings.push_back(remote.mapping);
     }
-    batch->pieces.push_back(Piece{local->ptr + local_off, remote.ptr ? remote.ptr + remote_off : nullptr,
+    batch->pieces.push_back(Piece{local_base + local_off, remote.ptr ? remote.ptr + remote_off : nullptr,
                                   static_cast<size_t>(length), remote_id, remote_off});
     batch->bytes += length;
     if (std::find(batch->local_regions.begin(), batch->local_regions.end(), local_id) ==
@@ -313,12 +370,17 @@ void Engine::Shutdown() {
   if (link_timer_) link_timer_->Shutdown();
   for (auto& [id, peer] : peers_) peer->transport->RemovePeer(peer.get());
   tcp_->Shutdown();
+  // Vendor engines stop their threads and let go of our memory before regions go.
+  if (mooncake_) mooncake_->Shutdown();
+  if (hccl_) hccl_->Shutdown();
   pool_->Shutdown();  // runs what is queued; stopped tasks return at once
   for (auto& [id, peer] : peers_) {
     for (auto& [rid, r] : peer->regions) peer->transport->Detach(&r);
   }
   peers_.clear();
   regions_.ReleaseAll();
+  regions_.on_add = nullptr;
+  regions_.on_release = nullptr;
   device_->ReleaseAll();
 }
 

@@ -17,6 +17,7 @@
 #include "region.h"
 #include "transport.h"
 #include "transport_tcp.h"
+#include "vendor/transports.h"
 #include "util/status.h"
 #include "util/work_queue.h"
 
@@ -54,8 +55,9 @@ constexpr size_t kDescriptorStride = 5;  // localRegion, localOffset, remoteRegi
 
 // How to reach one peer: which transport, and the link emulated on top of it.
 struct PeerConfig {
-  std::string transport = "shm";  // "shm" | "tcp"
+  std::string transport = "shm";  // "shm" | "tcp" | "mooncake" | "hccl"
   TcpPeerSpec tcp;
+  VendorPeerSpec vendor;
   LinkSpec link;
 };
 
@@ -78,6 +80,13 @@ class Engine {
   TcpTransport* tcp() { return tcp_.get(); }
   // Region `id` is being freed: peers can no longer reach it over tcp.
   void RegionFreeing(uint32_t id) { tcp_->Unexpose(id); }
+
+  // Vendor transports (vendor/transports.h), started on request: they load their
+  // library then and fail with ERR_BACKEND_UNAVAILABLE where it cannot run.
+  Status StartMooncake(const MooncakeOptions& options);
+  MooncakeTransport* mooncake() { return mooncake_.get(); }
+  Status Hccl(HcclTransport** out);
+  bool has_hccl() const { return hccl_ != nullptr; }
 
   Status AddPeer(const std::string& name, int pid, const std::vector<RemoteRegionSpec>& specs,
                  const PeerConfig& config, uint32_t* id);
@@ -121,6 +130,8 @@ class Engine {
   std::unique_ptr<WorkQueue> pool_;
   std::unique_ptr<Transport> shm_;
   std::unique_ptr<TcpTransport> tcp_;
+  std::unique_ptr<MooncakeTransport> mooncake_;
+  std::unique_ptr<HcclTransport> hccl_;
   std::unique_ptr<LinkTimer> link_timer_;  // started with the first emulated link
   std::shared_ptr<Counters> counters_ = std::make_shared<Counters>();
 

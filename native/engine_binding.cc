@@ -1,5 +1,8 @@
 #include "engine_binding.h"
 
+#include <cstdio>
+#include <cstdlib>
+
 #include <unistd.h>
 
 #include "link_binding.h"
@@ -42,6 +45,17 @@ std::vector<RemoteRegionSpec> ParseSpecs(Napi::Env env, Napi::Value v) {
     if (shm.IsString()) s.shm = shm.As<Napi::String>().Utf8Value();
     Napi::Value key = o.Get("ipcKey");
     if (key.IsString()) s.ipc_key = key.As<Napi::String>().Utf8Value();
+    // The region's address in the peer, for one-sided vendor transports: a hex string
+    // (addresses may exceed 2^53).
+    Napi::Value addr = o.Get("addr");
+    if (addr.IsString()) {
+      std::string a = addr.As<Napi::String>().Utf8Value();
+      char* end = nullptr;
+      s.addr = std::strtoull(a.c_str(), &end, 16);
+      if (a.empty() || end == nullptr || *end != '\0') {
+        Throw(env, Code::kBadArgument, "Expected a hex address for region descriptor " + std::to_string(i) + " addr");
+      }
+    }
     specs.push_back(std::move(s));
   }
   return specs;
@@ -89,6 +103,18 @@ PeerConfig ParsePeerConfig(Napi::Env env, Napi::Value v) {
   Napi::Value t = o.Get("transport");
   if (t.IsString()) config.transport = t.As<Napi::String>().Utf8Value();
   config.link = ParseLinkSpec(env, o.Get("link"));
+  Napi::Value mooncake = o.Get("mooncake");
+  if (mooncake.IsObject()) {
+    Napi::Value seg = mooncake.As<Napi::Object>().Get("segment");
+    if (seg.IsString()) config.vendor.mooncake_segment = seg.As<Napi::String>().Utf8Value();
+  }
+  Napi::Value hccl = o.Get("hccl");
+  if (hccl.IsObject()) {
+    auto ho = hccl.As<Napi::Object>();
+    Napi::Value link = ho.Get("link");
+    if (link.IsNumber()) config.vendor.hccl_link = static_cast<uint64_t>(link.As<Napi::Number>().Int64Value());
+    config.vendor.hccl_initiator = ho.Get("initiator").ToBoolean().Value();
+  }
   Napi::Value tcp = o.Get("tcp");
   if (tcp.IsObject()) {
     auto to = tcp.As<Napi::Object>();
@@ -219,6 +245,12 @@ Napi::Function EngineWrap::Define(Napi::Env env) {
                          InstanceMethod<&EngineWrap::DeviceInfo>("deviceInfo"),
                          InstanceMethod<&EngineWrap::DeviceIpcProcessId>("deviceIpcProcessId"),
                          InstanceMethod<&EngineWrap::DeviceIpcAllow>("deviceIpcAllow"),
+                         InstanceMethod<&EngineWrap::MooncakeStart>("mooncakeStart"),
+                         InstanceMethod<&EngineWrap::HcclEnable>("hcclEnable"),
+                         InstanceMethod<&EngineWrap::HcclRootInfo>("hcclRootInfo"),
+                         InstanceMethod<&EngineWrap::HcclJoin>("hcclJoin"),
+                         InstanceMethod<&EngineWrap::HcclRelease>("hcclRelease"),
+                         InstanceMethod<&EngineWrap::HcclDiscard>("hcclDiscard"),
                          InstanceMethod<&EngineWrap::TcpListen>("tcpListen"),
                          InstanceMethod<&EngineWrap::TcpGrant>("tcpGrant"),
                          InstanceMethod<&EngineWrap::TcpRevoke>("tcpRevoke"),
@@ -382,7 +414,10 @@ Napi::Value EngineWrap::Segment(const Napi::CallbackInfo& info) {
   auto arr = Napi::Array::New(env);
   uint32_t n = 0;
   e->regions().ForEach([&](Region& r) {
-    if (r.freeing || !r.shareable()) return;
+    // With a vendor transport every region is reachable (Mooncake registers them all;
+    // HCCL names them by id), not only the ones shm or IPC can map.
+    const bool vendor = e->mooncake() != nullptr || e->has_hccl();
+    if (r.freeing || (!r.shareable() && !vendor)) return;
     auto o = Napi::Object::New(env);
     o.Set("id", Napi::Number::New(env, r.id));
     o.Set("length", Napi::Number::New(env, static_cast<double>(r.length)));
@@ -392,6 +427,12 @@ Napi::Value EngineWrap::Segment(const Napi::CallbackInfo& info) {
       o.Set("offset", Napi::Number::New(env, 0));
     }
     if (!r.ipc_key.empty()) o.Set("ipcKey", Napi::String::New(env, r.ipc_key));
+    if (e->mooncake() != nullptr) {
+      char addr[24];
+      const uintptr_t a = r.ptr != nullptr ? reinterpret_cast<uintptr_t>(r.ptr) : static_cast<uintptr_t>(r.device_ptr);
+      std::snprintf(addr, sizeof addr, "%llx", static_cast<unsigned long long>(a));
+      o.Set("addr", Napi::String::New(env, addr));
+    }
     arr.Set(n++, o);
   });
   return arr;
@@ -681,6 +722,103 @@ Napi::Value HmacSha256Js(const Napi::CallbackInfo& info) {
   }
   std::string mac = TcpHmac(std::string(reinterpret_cast<char*>(k), kl), std::string(reinterpret_cast<char*>(m), ml));
   return Napi::Buffer<uint8_t>::Copy(env, reinterpret_cast<const uint8_t*>(mac.data()), mac.size());
+}
+
+// mooncakeStart({ metadata, hostname, rpcPort, protocol, nicPriorityMatrix }) -> segment
+Napi::Value EngineWrap::MooncakeStart(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Engine* e = engine(env);
+  if (info.Length() < 1 || !info[0].IsObject()) Throw(env, Code::kBadArgument, "mooncakeStart(options)");
+  auto o = info[0].As<Napi::Object>();
+  MooncakeOptions options;
+  auto str = [&](const char* key, std::string* out) {
+    Napi::Value v = o.Get(key);
+    if (v.IsString()) *out = v.As<Napi::String>().Utf8Value();
+  };
+  str("metadata", &options.metadata);
+  str("hostname", &options.hostname);
+  str("protocol", &options.protocol);
+  str("nicPriorityMatrix", &options.nic_priority_matrix);
+  if (o.Get("rpcPort").IsNumber()) options.rpc_port = static_cast<uint64_t>(o.Get("rpcPort").As<Napi::Number>().Int64Value());
+  Check(env, e->StartMooncake(options));
+  return Napi::String::New(env, e->mooncake()->segment());
+}
+
+Napi::Value EngineWrap::HcclEnable(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  HcclTransport* h = nullptr;
+  Check(env, engine(env)->Hccl(&h));
+  return env.Undefined();
+}
+
+Napi::Value EngineWrap::HcclRootInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  HcclTransport* h = nullptr;
+  Check(env, engine(env)->Hccl(&h));
+  std::string blob;
+  Check(env, h->RootInfo(&blob));
+  return Napi::Buffer<char>::Copy(env, blob.data(), blob.size());
+}
+
+namespace {
+
+// HcclCommInitRootInfo blocks until the other rank joins: it runs on the libuv pool.
+// The worker holds the engine object, so the transport outlives the call.
+class HcclJoinWorker : public Napi::AsyncWorker {
+ public:
+  HcclJoinWorker(Napi::Object engine, HcclTransport* hccl, std::string root, uint32_t rank)
+      : Napi::AsyncWorker(engine.Env()), engine_(Napi::Persistent(engine)), hccl_(hccl), root_(std::move(root)),
+        rank_(rank), deferred_(Napi::Promise::Deferred::New(engine.Env())) {}
+  Napi::Promise Promise() { return deferred_.Promise(); }
+  void Execute() override { status_ = hccl_->Join(root_, rank_, &link_); }
+  void OnOK() override {
+    if (status_.ok()) deferred_.Resolve(Napi::Number::New(Env(), static_cast<double>(link_)));
+    else deferred_.Reject(MakeError(Env(), status_));
+  }
+  void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
+
+ private:
+  Napi::ObjectReference engine_;  // keeps the engine (and its transport) alive
+  HcclTransport* hccl_;
+  std::string root_;
+  uint32_t rank_;
+  uint64_t link_ = 0;
+  Status status_;
+  Napi::Promise::Deferred deferred_;
+};
+
+}  // namespace
+
+// hcclJoin(rootInfo, rank) -> Promise<link id>
+Napi::Value EngineWrap::HcclJoin(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  HcclTransport* h = nullptr;
+  Check(env, engine(env)->Hccl(&h));
+  uint8_t* data = nullptr;
+  size_t length = 0;
+  if (info.Length() < 2 || !BytesOf(info[0], &data, &length)) Throw(env, Code::kBadArgument, "hcclJoin(rootInfo, rank)");
+  uint64_t rank = ArgIndex(info, 1, "rank");
+  auto* w = new HcclJoinWorker(info.This().As<Napi::Object>(), h, std::string(reinterpret_cast<char*>(data), length),
+                               static_cast<uint32_t>(rank));
+  auto p = w->Promise();
+  w->Queue();
+  return p;
+}
+
+Napi::Value EngineWrap::HcclRelease(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  HcclTransport* h = nullptr;
+  Check(env, engine(env)->Hccl(&h));
+  Check(env, h->Release(ArgIndex(info, 0, "batch id")));
+  return env.Undefined();
+}
+
+Napi::Value EngineWrap::HcclDiscard(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (closed_->load()) return env.Undefined();
+  HcclTransport* h = nullptr;
+  if (engine_->Hccl(&h).ok()) h->Discard(ArgIndex(info, 0, "link"));
+  return env.Undefined();
 }
 
 }  // namespace epd

@@ -59,6 +59,12 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
   Napi::Value DeviceInfo(const Napi::CallbackInfo& info);
   Napi::Value DeviceIpcProcessId(const Napi::CallbackInfo& info);
   Napi::Value DeviceIpcAllow(const Napi::CallbackInfo& info);
+  Napi::Value MooncakeStart(const Napi::CallbackInfo& info);
+  Napi::Value HcclEnable(const Napi::CallbackInfo& info);
+  Napi::Value HcclRootInfo(const Napi::CallbackInfo& info);
+  Napi::Value HcclJoin(const Napi::CallbackInfo& info);
+  Napi::Value HcclRelease(const Napi::CallbackInfo& info);
+  Napi::Value HcclDiscard(const Napi::CallbackInfo& info);
   Napi::Value TcpListen(const Napi::CallbackInfo& info);
   Napi::Value TcpGrant(const Napi::CallbackInfo& info);
   Napi::Value TcpRevoke(const Napi::CallbackInfo& info);

@@ -13,6 +13,9 @@ Napi::Value MemcpyBandwidth(const Napi::CallbackInfo& info);
 Napi::Value VendorBackends(const Napi::CallbackInfo& info);
 Napi::Value HmacSha256Js(const Napi::CallbackInfo& info);
 Napi::Value TcpPump(const Napi::CallbackInfo& info);
+Napi::Value TcpPumpReceiver(const Napi::CallbackInfo& info);
+Napi::Value TcpPumpReceiverClose(const Napi::CallbackInfo& info);
+Napi::Value TcpPumpSend(const Napi::CallbackInfo& info);
 
 namespace {
 
@@ -50,6 +53,9 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("memcpyBandwidth", Napi::Function::New<MemcpyBandwidth>(env, "memcpyBandwidth"));
   exports.Set("hmacSha256", Napi::Function::New<HmacSha256Js>(env, "hmacSha256"));
   exports.Set("tcpPump", Napi::Function::New<TcpPump>(env, "tcpPump"));
+  exports.Set("tcpPumpReceiver", Napi::Function::New<TcpPumpReceiver>(env, "tcpPumpReceiver"));
+  exports.Set("tcpPumpReceiverClose", Napi::Function::New<TcpPumpReceiverClose>(env, "tcpPumpReceiverClose"));
+  exports.Set("tcpPumpSend", Napi::Function::New<TcpPumpSend>(env, "tcpPumpSend"));
   exports.Set("linkSchedule", Napi::Function::New<LinkSchedule>(env, "linkSchedule"));
   exports.Set("vendorBackends", Napi::Function::New<VendorBackends>(env, "vendorBackends"));
   exports.Set("wireVersion", Napi::Number::New(env, EPD_TRANSFER_WIRE_VERSION));

@@ -4,11 +4,19 @@ namespace epd {
 
 RegionTable::~RegionTable() { ReleaseAll(); }
 
-Region* RegionTable::Insert(std::unique_ptr<Region> r) {
+Status RegionTable::Insert(std::unique_ptr<Region> r, Region** out) {
   r->id = next_id_++;
   Region* raw = r.get();
+  if (on_add) {
+    Status st = on_add(*raw);
+    if (!st.ok()) {
+      if (raw->release) raw->release();
+      return st;
+    }
+  }
   regions_[raw->id] = std::move(r);
-  return raw;
+  *out = raw;
+  return Status::Ok();
 }
 
 Status RegionTable::AllocateHost(size_t bytes, bool prefault, Region** out) {
@@ -19,8 +27,7 @@ Status RegionTable::AllocateHost(size_t bytes, bool prefault, Region** out) {
   r->ptr = m->data();
   r->length = bytes;
   r->mapping = std::move(m);
-  *out = Insert(std::move(r));
-  return Status::Ok();
+  return Insert(std::move(r), out);
 }
 
 Status RegionTable::AddExternal(uint8_t* ptr, size_t bytes, std::function<void()> release, Region** out) {
@@ -30,8 +37,7 @@ Status RegionTable::AddExternal(uint8_t* ptr, size_t bytes, std::function<void()
   r->ptr = ptr;
   r->length = bytes;
   r->release = std::move(release);
-  *out = Insert(std::move(r));
-  return Status::Ok();
+  return Insert(std::move(r), out);
 }
 
 Status RegionTable::AddDevice(DevicePtr ptr, size_t bytes, Region** out) {
@@ -45,8 +51,7 @@ Status RegionTable::AddDevice(DevicePtr ptr, size_t bytes, Region** out) {
   r->length = bytes;
   std::string key;
   if (device_->IpcExport(ptr, bytes, &key).ok()) r->ipc_key = key;
-  *out = Insert(std::move(r));
-  return Status::Ok();
+  return Insert(std::move(r), out);
 }
 
 Status RegionTable::Lookup(uint32_t id, Region** out) {
@@ -73,6 +78,7 @@ bool RegionTable::MarkFreeing(uint32_t id) {
 bool RegionTable::ReleaseIfIdle(uint32_t id) {
   auto it = regions_.find(id);
   if (it == regions_.end() || !it->second->freeing || it->second->pins > 0) return false;
+  if (on_release) on_release(*it->second);
   if (it->second->release) it->second->release();
   regions_.erase(it);
   return true;
@@ -82,6 +88,7 @@ void RegionTable::ReleaseAll() {
   for (auto& [id, r] : regions_) {
     // JS views may keep the memory mapped past close; the name must go now.
     if (r->mapping) r->mapping->Unlink();
+    if (on_release) on_release(*r);
     if (r->release) r->release();
   }
   regions_.clear();

@@ -55,6 +55,7 @@ struct RemoteRegionSpec {
   std::string shm;      // shm object name (host regions)
   uint64_t offset = 0;  // offset of the region inside `shm`
   std::string ipc_key;  // device IPC key (device regions)
+  uint64_t addr = 0;    // the region's address in the peer (one-sided vendor transports)
 };
 
 class RegionTable {
@@ -77,6 +78,11 @@ class RegionTable {
   bool ReleaseIfIdle(uint32_t id);
   void ReleaseAll();
 
+  // Observers (the engine's vendor transports): told of each region once it exists,
+  // which a failure undoes, and just before its memory is released.
+  std::function<Status(Region&)> on_add;
+  std::function<void(Region&)> on_release;
+
   template <typename F>
   void ForEach(F f) {
     for (auto& [id, r] : regions_) f(*r);
@@ -84,7 +90,7 @@ class RegionTable {
   size_t size() const { return regions_.size(); }
 
  private:
-  Region* Insert(std::unique_ptr<Region> r);
+  Status Insert(std::unique_ptr<Region> r, Region** out);
 
   Device* device_;
   uint32_t next_id_ = 1;

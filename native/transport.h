@@ -57,6 +57,13 @@ struct TcpPeerSpec {
   double connect_timeout = 5;          // seconds
 };
 
+// How to reach a peer through a vendor transport (vendor/transports.h).
+struct VendorPeerSpec {
+  std::string mooncake_segment;  // mooncake: the peer's segment name ("ip:port")
+  uint64_t hccl_link = 0;        // hccl: the joined communicator (HcclTransport::Join)
+  bool hccl_initiator = false;   // hccl: hold batches until the other side posted its half
+};
+
 struct Peer {
   uint32_t id = 0;
   std::string name;
@@ -67,6 +74,9 @@ struct Peer {
   Transport* transport = nullptr;        // moves this peer's batches (maybe a link wrapper)
   std::shared_ptr<Transport> link;       // the link wrapper, when emulated
   TcpPeerSpec tcp;                       // set when the peer is reached over tcp
+  VendorPeerSpec vendor;                 // set when the peer is reached over mooncake or hccl
+  bool device_memory = false;            // its transport takes device addresses as local pieces
+  bool device_memory_only = false;       // ... and only those (hccl)
 
   ~Peer();
   // False once the peer process is known to be gone (cheap: one poll()).
@@ -152,6 +162,15 @@ class Transport {
   virtual void Stop(const std::shared_ptr<Batch>& batch, Code code) {}
   // Engine shutdown: fail what is in flight, join threads.
   virtual void Shutdown() {}
+
+  // Vendor engines that must know local memory (Mooncake registers it for one-sided
+  // access): told once a region exists, and before its memory is released.
+  virtual Status RegisterRegion(const Region& region) { return Status::Ok(); }
+  virtual void UnregisterRegion(const Region& region) {}
+  // Whether a local piece may be device memory, given by its device address (pieces
+  // of device regions that are not host-addressable), and whether it must be.
+  virtual bool AddressesDeviceMemory() const { return false; }
+  virtual bool RequiresDeviceMemory() const { return false; }
 };
 
 class WorkQueue;

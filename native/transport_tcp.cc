@@ -56,6 +56,10 @@ constexpr size_t kFrameBytes = 1 << 20;
 constexpr uint64_t kMaxPayload = 64ull << 20;
 constexpr size_t kMaxErrorText = 4096;
 constexpr int64_t kServerHandshakeNs = 5'000'000'000;
+// A target thread waits at most this long for a client that stopped in the middle
+// of a frame (or stopped reading a reply); an idle connection between frames may
+// wait forever (its control connection's close ends it).
+constexpr int kServerStallSeconds = 30;
 
 const char kClientProofLabel[] = "epd-transfer data client v2";
 const char kServerProofLabel[] = "epd-transfer data server v2";
@@ -168,6 +172,18 @@ bool MoveAll(int fd, struct iovec* iov, size_t count, bool send_side) {
 bool RecvAll(int fd, void* buf, size_t n) {
   struct iovec v = {buf, n};
   return n == 0 || MoveAll(fd, &v, 1, false);
+}
+
+// Like RecvAll, for the first bytes of a frame on a socket with a receive timeout:
+// a timeout before any byte arrived is an idle peer and is waited through.
+bool RecvFrameStart(int fd, void* buf, size_t n) {
+  for (;;) {
+    ssize_t r = recv(fd, buf, n, MSG_WAITALL);
+    if (r == static_cast<ssize_t>(n)) return true;
+    if (r > 0) return RecvAll(fd, static_cast<uint8_t*>(buf) + r, n - static_cast<size_t>(r));
+    if (r == 0) return false;
+    if (errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK) return false;
+  }
 }
 
 bool SendAll(int fd, const void* buf, size_t n) {
@@ -857,6 +873,9 @@ class TcpTransportImpl final : public TcpTransport {
       int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
       if (fd < 0) continue;
       TuneSocket(fd);
+      struct timeval stall = {kServerStallSeconds, 0};
+      setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &stall, sizeof(stall));
+      setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &stall, sizeof(stall));
       auto c = std::make_unique<ServerConn>();
       c->fd = fd;
       ServerConn* raw = c.get();
@@ -977,7 +996,7 @@ class TcpTransportImpl final : public TcpTransport {
     std::vector<std::shared_ptr<ExposedRegion>> hold;
     for (;;) {
       uint8_t h[kFrameHeader];
-      if (!RecvAll(fd, h, sizeof(h))) return;
+      if (!RecvFrameStart(fd, h, sizeof(h))) return;
       const uint8_t op = h[4];
       const uint16_t segments = Get16(h + 6);
       const uint64_t seq = Get64(h + 8);

@@ -5,7 +5,7 @@
  *   node scripts/asan.mjs [vitest args…]     (npm run test:asan)
  *
  * 1. Builds build-asan/Debug/epd_transfer.node (cmake-js, EPD_SANITIZE=ON).
- * 2. Runs vitest on test/engine, test/device and test/build/native-smoke.test.ts (those that
+ * 2. Runs vitest on test/engine, test/device, test/build/native-smoke.test.ts and the tcp tests (those that
  *    exist; or the paths/args given) with EPD_TRANSFER_ADDON pointing at that build and gcc's
  *    libasan/libubsan in LD_PRELOAD. Node is not instrumented, so the sanitizer runtime must be
  *    preloaded; every process of the run inherits it (vitest's forks, peers the tests spawn).
@@ -25,7 +25,17 @@ import { fileURLToPath } from 'node:url';
 import { cmakeBuild } from './cmake-build.mjs';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
-const NATIVE_TESTS = ['test/engine', 'test/device', 'test/build/native-smoke.test.ts'];
+const NATIVE_TESTS = [
+  'test/engine',
+  'test/device',
+  'test/build/native-smoke.test.ts',
+  // encoder-cache store: robust process-shared mutex, crash recovery, 4 GiB view windows.
+  'test/ec',
+  // tcp transport and link emulator: sockets, threads and frame parsing in C++ (about a minute).
+  'test/tcp/transfer.test.ts',
+  'test/tcp/faults.test.ts',
+  'test/tcp/link.test.ts',
+];
 const REPORT_PATTERN = /ERROR: AddressSanitizer|ERROR: LeakSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer/;
 export const ASAN_REPORT_FILE = '.vitest-asan.json';
 

@@ -388,7 +388,13 @@ export class LayerwiseSender {
         if (err) throw err;
       };
     }
-    this.readyChain = this.readyChain.then(() => this.onReady(step, layer, wait));
+    this.readyChain = this.readyChain
+      .then(() => this.onReady(step, layer, wait))
+      .catch((err: unknown) => {
+        // Not expected (onReady handles signal failures); never let one layer break the chain.
+        const { code, message } = describeError(err);
+        for (const e of step.entries) this.fail(e.req, new TransferError(`layer ${layer}: ${message}`, code));
+      });
   }
 
   /** The result promise of a request being sent (see {@link KvSendHandle.result}). */

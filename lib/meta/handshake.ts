@@ -13,6 +13,8 @@ import { encodeFrame, FrameDecoder, MAX_BODY, MessageType, WIRE_VERSION, type Fr
 export interface RequestContext {
   /** The peer's engine name, from its HELLO. */
   peer: string;
+  /** The control connection the request came on (per-connection state hangs on it). */
+  session?: ControlSession;
 }
 
 /** One accepted, authenticated control connection; the engine hangs per-peer state (a tcp grant) on it. */
@@ -179,7 +181,7 @@ export class ControlServer {
         } else if (f.type === MessageType.GetSegment && state === 'ready') {
           socket.write(encodeFrame(MessageType.Segment, this.options.describe(session!)));
         } else if (f.type === MessageType.Request && state === 'ready') {
-          this.answer(socket, f.body, session!.peer);
+          this.answer(socket, f.body, session!);
         } else {
           // Out of order (a request before HELLO, or instead of AUTH): nothing is described either way.
           fail('ERR_PROTOCOL', `unexpected control message type ${f.type}`);
@@ -195,7 +197,7 @@ export class ControlServer {
     });
   }
 
-  private answer(socket: net.Socket, raw: unknown, peer: string): void {
+  private answer(socket: net.Socket, raw: unknown, session: ControlSession): void {
     const req = (raw ?? {}) as { id?: unknown; topic?: unknown; body?: unknown };
     if (typeof req.id !== 'number' || typeof req.topic !== 'string') {
       socket.end(encodeFrame(MessageType.Error, { code: 'ERR_PROTOCOL', message: 'malformed request' }));
@@ -221,7 +223,7 @@ export class ControlServer {
       return;
     }
     Promise.resolve()
-      .then(() => handler(req.body, { peer }))
+      .then(() => handler(req.body, { peer: session.peer, session }))
       .then(
         (body) => reply({ id, ok: true, body: body ?? null }),
         (err: unknown) => {
@@ -474,6 +476,7 @@ export class ControlClient {
 const REMOTE_CODES = new Set([
   'ERR_BAD_ARGUMENT', 'ERR_OUT_OF_RANGE', 'ERR_UNKNOWN_REGION', 'ERR_CLOSED', 'ERR_ABORTED', 'ERR_TIMEOUT',
   'ERR_PEER_LOST', 'ERR_NOT_SHAREABLE', 'ERR_BACKEND_UNAVAILABLE', 'ERR_NO_HANDLER', 'ERR_REMOTE',
+  'ERR_REGION_FREED', 'ERR_UNKNOWN_PEER', 'ERR_INTEGRITY', 'ERR_CAPACITY', 'ERR_NOT_FOUND', 'ERR_AUTH',
 ]);
 
 /** Splits "host:port" or "[v6]:port". */

@@ -94,11 +94,13 @@ export interface SegmentDescriptor {
   bootId: string;
   hostname: string;
   transports: string[];
-  regions: Array<{ id: number; length: number; kind: string; shm?: string; offset?: number; ipcKey?: string }>;
+  regions: Array<{ id: number; length: number; kind: string; shm?: string; offset?: number; ipcKey?: string; addr?: string }>;
   /**
    * The tcp data listener, when the engine has one: its "host:port" addresses (a
    * wildcard host means "the host you reached my control port at") and the grant
    * this control connection was given (hex, 16 bytes).
    */
   tcp?: { addresses: string[]; grant: string };
+  /** The engine's Mooncake segment ("ip:port"), when it opened with mooncake; regions then carry `addr`. */
+  mooncake?: { segment: string };
 }

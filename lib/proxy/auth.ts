@@ -13,6 +13,7 @@
 import { createHash, createHmac, timingSafeEqual } from 'node:crypto';
 import type { IncomingHttpHeaders } from 'node:http';
 
+/** Header carrying the HMAC proof: `t=<unix ms>,v1=<hex>`. */
 export const SIGNATURE_HEADER = 'x-epd-signature';
 
 /** How far a signature's timestamp may be from the proxy's clock. */

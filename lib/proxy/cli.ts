@@ -10,6 +10,7 @@ import { signBody } from './auth.js';
 import { ROLES, type Role } from './instances.js';
 import { EpdProxy } from './server.js';
 
+/** Usage text of the `proxy` command (part of `epd-transfer help`). */
 export const PROXY_USAGE = `  proxy [options]                EPD load-balancing proxy (OpenAI API) in front of E/P/D instances
       --host <addr>              listen address (127.0.0.1)
       --port <n>                 port (8000)
@@ -32,10 +33,11 @@ export const PROXY_USAGE = `  proxy [options]                EPD load-balancing 
                                  admin client: list, add, or remove (draining) instances
 `;
 
+/** Usage text of `bench proxy`. */
 export const BENCH_PROXY_USAGE = `  bench proxy [options]          latency the proxy adds, next to the same load sent straight to a worker
       --rate <req/s>             open-loop request rate per phase (500)
       --duration <t>             length of one measured phase (3s)
-      --runs <n>                 measured runs (direct and proxied interleaved), median reported (3)
+      --runs <n>                 measured runs (direct and proxied alternating), median reported (3)
       --stream                   SSE answers instead of JSON
       --concurrency <n>          requests in flight for the capacity figure (32)
       --json                     one JSON object instead of the table

@@ -14,6 +14,7 @@ export type RetryClass =
   /** Must not be retried (client error, deadline, cancelled, or bytes already sent). */
   | 'final';
 
+/** What a {@link ProxyError} carries besides its message and code. */
 export interface ProxyErrorOptions {
   /** HTTP status for the client (or for the worker calling /v1/metaserver). */
   status: number;

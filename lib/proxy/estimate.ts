@@ -20,6 +20,7 @@ export interface EstimateOptions {
   maxItemTokens: number;
 }
 
+/** The estimates used unless `ProxyOptions.estimates` overrides them. */
 export const DEFAULT_ESTIMATES: EstimateOptions = {
   pixelsPerToken: 28,
   defaultImageTokens: 1024,

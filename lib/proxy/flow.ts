@@ -74,6 +74,7 @@ export interface FlowContext {
   encoding: Map<string, Promise<void>>;
 }
 
+/** Wall-clock time in ms with sub-millisecond precision (trace timestamps). */
 export function now(): number {
   return performance.timeOrigin + performance.now();
 }
@@ -295,7 +296,7 @@ function recordEncoded(ctx: FlowContext, item: MediaItem, encoder: Instance, raw
 async function relay(ctx: FlowContext, res: OpenResponse, client: ServerResponse, writer: StreamWriter, plan: RequestPlan, from: Instance, signal: AbortSignal, trace: RequestTrace): Promise<void> {
   if (!plan.stream) {
     // Read whole, so a failure anywhere in the body can still go to another instance.
-    const raw = await readBody(res.body, ctx.maxResponseBytes, from, signal);
+    const raw = await readBody(res.body, ctx.maxResponseBytes, from, signal, res.contentLength);
     if (trace.decode) trace.decode.firstByte = now();
     sendRaw(client, 200, res.contentType, raw);
     return;

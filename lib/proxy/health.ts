@@ -10,6 +10,7 @@ import type { ProxyError } from './errors.js';
 import type { Instance, InstancePool, InstanceState } from './instances.js';
 import type { Upstream } from './upstream.js';
 
+/** Health-check settings (`ProxyOptions.health`). */
 export interface HealthOptions {
   /** Time between two rounds of checks (ms). */
   intervalMs: number;
@@ -23,8 +24,10 @@ export interface HealthOptions {
   healthyAfter: number;
 }
 
+/** Called when an instance moves between states. */
 export type HealthChange = (instance: Instance, from: InstanceState, to: InstanceState, reason: string) => void;
 
+/** Runs the active checks and takes in passive evidence; owns instances' healthy/unhealthy state. */
 export class HealthMonitor {
   private timer: NodeJS.Timeout | undefined;
   private stopped = false;

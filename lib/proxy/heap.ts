@@ -9,6 +9,7 @@ export interface HeapSlot {
   heapIndex: number;
 }
 
+/** Min-heap of {@link HeapSlot} items with O(log n) update and removal of any item. */
 export class IndexedHeap<T extends HeapSlot> {
   private readonly items: T[] = [];
 

@@ -9,6 +9,7 @@ import { IndexedHeap, type HeapSlot } from './heap.js';
 
 /** The roles of a disaggregated deployment. `pd` is a combined prefill+decode instance. */
 export const ROLES = ['encode', 'prefill', 'decode', 'pd'] as const;
+/** One of {@link ROLES}. */
 export type Role = (typeof ROLES)[number];
 
 /**
@@ -111,6 +112,7 @@ function lessLoaded(a: Instance, b: Instance): boolean {
   return a.lastPicked < b.lastPicked;
 }
 
+/** Constraints of one pick from a pool. */
 export interface PickOptions {
   /** Instances already tried by this request (a retry goes elsewhere). */
   exclude?: ReadonlySet<Instance>;

@@ -44,6 +44,7 @@ export interface EmbeddingLocator {
   forgetInstance(encoderUrl: string): void;
 }
 
+/** Options of {@link MemoryEmbeddingLocator}. */
 export interface MemoryEmbeddingLocatorOptions {
   /** Most items remembered; the least recently used are dropped first. Default 100,000. */
   capacity?: number;

@@ -9,6 +9,7 @@ import type { InstancePool } from './instances.js';
 
 const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120];
 
+/** The proxy's Prometheus metrics and their registry. */
 export class ProxyMetrics {
   readonly registry = new Registry();
   /** Client requests by endpoint, route (text|multimodal), path (p-d|pd|none) and HTTP status. */

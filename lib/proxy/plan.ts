@@ -8,8 +8,10 @@ import { createHash } from 'node:crypto';
 import { badRequest } from './errors.js';
 import { base64AudioTokens, mediaTokens, textTokens, type EstimateOptions } from './estimate.js';
 
+/** The two generation endpoints. */
 export type Endpoint = 'chat' | 'completions';
 
+/** URL path of each endpoint (the same on the proxy and on every instance). */
 export const ENDPOINT_PATHS: Record<Endpoint, string> = {
   chat: '/v1/chat/completions',
   completions: '/v1/completions',
@@ -28,6 +30,7 @@ export interface MediaItem {
   tokens: number;
 }
 
+/** A parsed, validated client request with its media items and load estimates. */
 export interface RequestPlan {
   endpoint: Endpoint;
   /** The parsed body; media parts carry their `uuid`. Never mutated after planning. */
@@ -43,6 +46,7 @@ export interface RequestPlan {
   batched: boolean;
 }
 
+/** Settings of {@link planRequest}. */
 export interface PlanOptions {
   estimates: EstimateOptions;
   /** Assumed output length when the request sets no max_tokens. */

@@ -32,6 +32,7 @@ function candidateIds(requestId: string): string[] {
   return [requestId, bare, bare.replace(/-\d+$/, '')];
 }
 
+/** Decode hops waiting for D's metaserver call, by hop id. */
 export class Rendezvous {
   private readonly waiting = new Map<string, Waiting>();
 

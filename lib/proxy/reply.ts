@@ -51,7 +51,11 @@ export class StreamWriter {
   /** The last bytes written end an SSE event (so an error event can follow cleanly). */
   atEventBoundary = true;
 
-  constructor(private readonly res: ServerResponse) {}
+  constructor(
+    private readonly res: ServerResponse,
+    /** Longest wait for a client that stopped reading (ms); then the response is cut. */
+    private readonly drainTimeoutMs: number,
+  ) {}
 
   get started(): boolean {
     return this.res.headersSent;
@@ -66,10 +70,26 @@ export class StreamWriter {
     const len = chunk.length;
     if (len > 0) this.atEventBoundary = len >= 2 && chunk[len - 1] === 0x0a && chunk[len - 2] === 0x0a;
     if (res.write(chunk)) return;
+    // A client that keeps its connection open but stops reading would otherwise hold the
+    // upstream stream and its instance's load for ever.
+    const stalled = new AbortController();
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      stalled.abort();
+    }, this.drainTimeoutMs);
+    const onAbort = () => stalled.abort();
+    signal.addEventListener('abort', onAbort, { once: true });
     try {
-      await once(res, 'drain', { signal });
+      await once(res, 'drain', { signal: stalled.signal });
     } catch {
-      throw signal.aborted ? asProxyError(signal.reason) : clientGone();
+      if (signal.aborted) throw asProxyError(signal.reason);
+      if (!timedOut) throw clientGone();
+      res.destroy();
+      throw new ProxyError(`the client read nothing for ${this.drainTimeoutMs} ms`, 'ERR_TIMEOUT', { status: 499, type: 'client_closed_request' });
+    } finally {
+      clearTimeout(timer);
+      signal.removeEventListener('abort', onAbort);
     }
   }
 
@@ -78,23 +98,42 @@ export class StreamWriter {
   }
 }
 
-/** Reads a request body up to `limit` bytes. */
-export async function readRequestBody(req: IncomingMessage, limit: number, signal: AbortSignal): Promise<Buffer> {
+/** Reads a request body up to `limit` bytes (events rather than an async iterator: this runs for every request). */
+export function readRequestBody(req: IncomingMessage, limit: number, signal: AbortSignal): Promise<Buffer> {
   const declared = Number(req.headers['content-length']);
-  if (Number.isFinite(declared) && declared > limit) throw tooLarge(limit);
-  const chunks: Buffer[] = [];
-  let size = 0;
-  try {
-    for await (const chunk of req as AsyncIterable<Buffer>) {
+  if (Number.isFinite(declared) && declared > limit) return Promise.reject(tooLarge(limit));
+  return new Promise<Buffer>((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    const cleanup = () => {
+      req.off('data', onData);
+      req.off('end', onEnd);
+      req.off('error', onError);
+      req.off('aborted', onError);
+    };
+    const onData = (chunk: Buffer) => {
       size += chunk.length;
-      if (size > limit) throw tooLarge(limit);
+      if (size > limit) {
+        cleanup();
+        req.resume(); // let the rest drain; the 413 closes the connection
+        reject(tooLarge(limit));
+        return;
+      }
       chunks.push(chunk);
-    }
-  } catch (err) {
-    if (err instanceof ProxyError) throw err;
-    throw signal.aborted ? asProxyError(signal.reason) : clientGone();
-  }
-  return Buffer.concat(chunks, size);
+    };
+    const onEnd = () => {
+      cleanup();
+      resolve(chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, size));
+    };
+    const onError = () => {
+      cleanup();
+      reject(signal.aborted ? asProxyError(signal.reason) : clientGone());
+    };
+    req.on('data', onData);
+    req.on('end', onEnd);
+    req.on('error', onError);
+    req.on('aborted', onError);
+  });
 }
 
 function tooLarge(limit: number): ProxyError {

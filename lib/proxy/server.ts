@@ -66,6 +66,7 @@ export interface ProxyOptions {
   closeGraceMs?: number;
 }
 
+/** Deadlines used unless `ProxyOptions.timeouts` overrides them (docs/PROXY.md, "Deadlines"). */
 export const DEFAULT_TIMEOUTS: ProxyTimeouts = {
   connectMs: 5_000,
   encodeMs: 120_000,
@@ -76,6 +77,7 @@ export const DEFAULT_TIMEOUTS: ProxyTimeouts = {
   locateMs: 50,
 };
 
+/** Health-check settings used unless `ProxyOptions.health` overrides them. */
 export const DEFAULT_HEALTH: HealthOptions = {
   intervalMs: 2_000,
   timeoutMs: 1_000,
@@ -277,7 +279,7 @@ export class EpdProxy {
     res.once('close', onClose);
     this.active.add(client);
     const trace: RequestTrace = { id: requestId, endpoint, stream: false, route: 'text', start: now(), end: 0, status: 0, retries: 0 };
-    const writer = new StreamWriter(res);
+    const writer = new StreamWriter(res, this.ctx.timeouts.idleMs);
     try {
       const body = parseJson(await readRequestBody(req, this.options.maxBodyBytes ?? 64 << 20, client.signal));
       const plan = planRequest(endpoint, body, {

@@ -9,6 +9,7 @@ import { Agent, errors as undiciErrors } from 'undici';
 import { ProxyError, asProxyError } from './errors.js';
 import type { Instance } from './instances.js';
 
+/** Settings of the upstream HTTP client. */
 export interface UpstreamOptions {
   /** TCP connect deadline (ms). */
   connectTimeoutMs: number;
@@ -16,6 +17,7 @@ export interface UpstreamOptions {
   maxResponseBytes: number;
 }
 
+/** Per-call settings of an upstream POST. */
 export interface HopOptions {
   /** Sent as X-Request-Id. */
   requestId: string;
@@ -31,6 +33,8 @@ export interface HopOptions {
 export interface OpenResponse {
   status: number;
   contentType: string;
+  /** Declared body length, when the upstream sent Content-Length. */
+  contentLength?: number;
   body: Readable;
 }
 
@@ -107,7 +111,15 @@ function errorMessage(raw: Buffer): string {
 }
 
 /** Reads a whole body, failing once it exceeds `limit` bytes. */
-export async function readBody(body: Readable, limit: number, instance: Instance, signal?: AbortSignal): Promise<Buffer> {
+export async function readBody(body: Readable, limit: number, instance: Instance, signal?: AbortSignal, contentLength?: number): Promise<Buffer> {
+  if (contentLength !== undefined && contentLength <= limit) {
+    // The common case (a JSON answer with Content-Length): one read, no async iteration.
+    try {
+      return Buffer.from(await (body as unknown as { arrayBuffer(): Promise<ArrayBuffer> }).arrayBuffer());
+    } catch (err) {
+      throw upstreamError(err, instance, signal);
+    }
+  }
   const chunks: Buffer[] = [];
   let size = 0;
   try {
@@ -187,17 +199,19 @@ export class Upstream {
       throw upstreamError(err, instance, options.signal);
     }
     const contentType = String(res.headers['content-type'] ?? 'application/json');
+    const length = res.headers['content-length'];
+    const contentLength = typeof length === 'string' && /^\d+$/.test(length) ? Number(length) : undefined;
     if (res.statusCode < 200 || res.statusCode >= 300) {
-      const raw = await readBody(res.body, this.options.maxResponseBytes, instance, options.signal);
+      const raw = await readBody(res.body, this.options.maxResponseBytes, instance, options.signal, contentLength);
       throw statusError(res.statusCode, raw, instance);
     }
-    return { status: res.statusCode, contentType, body: res.body };
+    return { status: res.statusCode, contentType, contentLength, body: res.body };
   }
 
   /** POSTs JSON and reads the whole 2xx answer. */
   async postRead(instance: Instance, path: string, body: string, options: HopOptions): Promise<ReadResponse> {
     const res = await this.post(instance, path, body, options);
-    return { status: res.status, contentType: res.contentType, raw: await readBody(res.body, this.options.maxResponseBytes, instance, options.signal) };
+    return { status: res.status, contentType: res.contentType, raw: await readBody(res.body, this.options.maxResponseBytes, instance, options.signal, res.contentLength) };
   }
 
   /** GETs a path; any status resolves (health probes and /v1/models decide for themselves). */

@@ -32,7 +32,7 @@ describe('bench ec', () => {
     expect(result.loaders).toHaveLength(2);
     expect(result.environment).toHaveProperty('commit');
     expect(storeObjects('bench-ec-')).toEqual([]); // nothing left behind
-  });
+  }, 120_000); // three processes; slow under the sanitizers on a loaded 2-core machine
 
   it('rejects a bad size with a usage error', async () => {
     const r = await run(['bench', 'ec', '--bytes', 'lots']);

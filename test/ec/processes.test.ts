@@ -1,6 +1,9 @@
 // The store shared by real processes: byte-exact save/load across processes,
 // single flight across processes, and what a killed writer, reader or lock holder
 // leaves behind (nothing visible, nothing stuck).
+import { spawn } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import { EncoderCacheStore } from '../../lib/index.js';
 import { ecPattern, ecSha256, expectCode, startWorker, stopWorkers, storeName, storeObjects } from './helpers.js';
@@ -84,6 +87,32 @@ describe('encoder cache across processes', () => {
     // Its space came back: the whole capacity is usable.
     expect(await store.save('fill', ecPattern(6, 3 * MiB))).toMatchObject({ stored: true });
     expect(store.keys().sort()).toEqual(['fill', 'half', 'other']);
+  });
+
+  it('a killed writer that is still a zombie counts as dead', async () => {
+    // The writer's parent is a shell that execs `sleep` and never reaps it.
+    const name = storeName('zombie');
+    const store = await open(name, MiB);
+    const fixture = fileURLToPath(new URL('../fixtures/ec-reserve.mjs', import.meta.url));
+    const parent = spawn('bash', ['-c', 'node "$0" "$1" half & exec sleep 60', fixture, name], { stdio: ['ignore', 'pipe', 'inherit'] });
+    try {
+      const pid = await new Promise<number>((resolve, reject) => {
+        let out = '';
+        parent.stdout!.on('data', (d) => {
+          out += d;
+          const m = /READY (\d+)/.exec(out);
+          if (m) resolve(Number(m[1]));
+        });
+        parent.once('exit', () => reject(new Error('the writer did not start')));
+      });
+      process.kill(pid, 'SIGKILL');
+      const state = () => /\) (\S)/.exec(readFileSync(`/proc/${pid}/stat`, 'utf8'))?.[1];
+      while (state() !== 'Z') await new Promise((r) => setTimeout(r, 5));
+      expect(await store.save('half', ecPattern(18, 4096), { timeoutMs: 2_000 })).toEqual({ stored: true, bytes: 4096 });
+      expect(store.stats()).toMatchObject({ processes: 1, writing: 0 });
+    } finally {
+      parent.kill('SIGKILL');
+    }
   });
 
   it('space held by a killed writer is reclaimed under pressure', async () => {

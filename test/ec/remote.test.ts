@@ -75,6 +75,18 @@ describe('encoder cache across hosts', () => {
     expect(await holder.call('stats')).toMatchObject({ pinned: 0 });
   });
 
+  it('pulls over the tcp transport, as between two hosts', async () => {
+    const tcpHolder = await startWorker();
+    await tcpHolder.call('open', { name: storeName('tcp-holder'), capacity: 16 * MiB });
+    await tcpHolder.call('save', { key: 'over-tcp', seed: 3, size: SIZE });
+    const { address } = await tcpHolder.call<{ address: string }>('serve', { directoryAddress: directoryEngine.address, transport: 'tcp' });
+    await until('the key to be announced', async () => (await remote.locate('over-tcp')).length === 1);
+    const region = engine.allocate(SIZE);
+    expect(await remote.fetch('over-tcp', region)).toMatchObject({ bytes: SIZE, holder: address });
+    expect(region.buffer!.equals(ecPattern(3, SIZE))).toBe(true);
+    expect(await tcpHolder.call('engineCounters')).toMatchObject({ bytesWritten: SIZE });
+  });
+
   it('misses are ordinary results', async () => {
     expect(await remote.locate('nobody-has-it')).toEqual([]);
     expect(await remote.stat(holderAddress, 'nobody-has-it')).toBeNull();

@@ -28,9 +28,9 @@ describe('a process dies mid-request', () => {
     const arrived: number[] = [];
     receiver.on('layer', (e: { layer: number }) => arrived.push(e.layer));
     const blocks = [7, 8, 9, 10];
-    const received = track(receiver.expect('orphan', { blocks, deadlineMs: 1_500 }));
-
     const prefill = await startKvProcess('kv-prefill.mjs', { geometry: fixtureGeometry(SMALL, 'prefill') });
+    // The deadline must outlast the two layers' push even on a loaded machine; it is what ends the test.
+    const received = track(receiver.expect('orphan', { blocks, deadlineMs: 2_500 }));
     await prefill.call('add', { requestId: 'orphan', peer: D.address, localBlocks: range(0, 4), remoteBlocks: blocks, tokens: 32 });
     await prefill.call('ready', { upTo: 2 });
     await prefill.call('acked', { count: 2 });
@@ -81,10 +81,10 @@ describe('a process dies mid-request', () => {
 
 describe('DONE acknowledgement', () => {
   it('retries DONE on its own when the notice carrying it is not answered in time; decode counts it once', async () => {
-    const decode = await startKvProcess('kv-decode.mjs', { geometry: fixtureGeometry(SMALL, 'decode'), doneDelayMs: 300 });
+    const decode = await startKvProcess('kv-decode.mjs', { geometry: fixtureGeometry(SMALL, 'decode'), doneDelayMs: 1_000 });
     const P = await openEngine({ listen: false });
     const p = cache(P, SMALL, SMALL.prefillBlockSize, SMALL.prefillBlocks, 3);
-    const sender = new LayerwiseSender(P, p.layout, { ackTimeoutMs: 150, retries: 4, retryDelayMs: 50 });
+    const sender = new LayerwiseSender(P, p.layout, { ackTimeoutMs: 400, retries: 4, retryDelayMs: 100 });
     closers.push(() => sender.close());
     await decode.call('expect', { id: 'slow-done', blocks: [4, 5], deadlineMs: 10_000 });
     const h = sender.add({ requestId: 'slow-done', peer: decode.address!, localBlocks: [1, 2], remoteBlocks: [4, 5], tokens: 16 });

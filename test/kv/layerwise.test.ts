@@ -7,7 +7,7 @@ import { LayerwiseReceiver } from '../../lib/kv/receiver.js';
 import { LayerwiseSender } from '../../lib/kv/sender.js';
 import { KvTracer } from '../../lib/kv/trace.js';
 import { mlaTensors } from '../../lib/kv/layout.js';
-import type { Region } from '../../lib/index.js';
+import type { Region, TransferEngine } from '../../lib/index.js';
 import { closeEngines, expectCode, openEngine, waitFor } from '../helpers.js';
 import { allLayersReady, cache, deferred, mismatches, pair, range, SMALL, track, untouched, type Geometry, type Side } from './kv-helpers.js';
 
@@ -64,6 +64,47 @@ describe('layerwise push', () => {
     await h.result;
     expect((await received).verifiedChunks).toBe(g.layers);
     expect(mismatches(p, d, local, remote, 0, 5)).toEqual([]);
+  });
+
+  it('waits for device events recorded after each layer\'s (simulated) compute, in layer order', async () => {
+    const trace = new KvTracer();
+    const { p, d, sender, receiver } = await setup(SMALL, { sender: { trace } });
+    const stream = p.engine.device.createStream();
+    const events = range(0, SMALL.layers).map(() => p.engine.device.createEvent());
+    const received = receiver.expect('dev', { blocks: [1, 2], deadlineMs: 10_000 });
+    const h = sender.add({ requestId: 'dev', peer: d.engine.address!, localBlocks: [3, 4], remoteBlocks: [1, 2], tokens: 16 });
+    events.forEach((ev, l) => {
+      stream.sleep(2_000); // the layer's compute
+      ev.record(stream);
+      sender.layerReady(l, ev);
+    });
+    await h.result;
+    await received;
+    // Each layer went out only after its event completed.
+    const ready = trace.events.filter((e) => e.phase === 'ready').map((e) => e.layer);
+    expect(ready).toEqual(range(0, SMALL.layers));
+    for (let l = 0; l < SMALL.layers; l++) {
+      const readyAt = trace.events.find((e) => e.phase === 'ready' && e.layer === l)!.ts;
+      const sentAt = trace.events.find((e) => e.phase === 'sendStart' && e.layer === l)!.ts;
+      expect(sentAt).toBeGreaterThanOrEqual(readyAt);
+    }
+    expect(mismatches(p, d, [3, 4], [1, 2], 0, 2)).toEqual([]);
+    stream.destroy();
+  });
+
+  it('fails the step when a device event does not complete within signalTimeoutMs', async () => {
+    const { p, d, sender, receiver } = await setup(SMALL, { sender: { signalTimeoutMs: 100 } });
+    const stream = p.engine.device.createStream();
+    const event = p.engine.device.createEvent();
+    stream.sleep(600_000); // a compute far slower than the signal deadline
+    event.record(stream);
+    const received = receiver.expect('hung', { blocks: [0], deadlineMs: 10_000 });
+    const h = sender.add({ requestId: 'hung', peer: d.engine.address!, localBlocks: [0], remoteBlocks: [0], tokens: 8 });
+    sender.layerReady(0, event);
+    await expect(h.result).rejects.toMatchObject({ code: 'ERR_TIMEOUT' });
+    await expect(received).rejects.toMatchObject({ code: 'ERR_TIMEOUT', invalidBlockIds: [0] });
+    await stream.synchronize();
+    stream.destroy();
   });
 
   it('fuses the requests of a step that go to one decode engine into one batch per layer', async () => {
@@ -381,16 +422,31 @@ describe('prefill block lifetime over a slowed link (link emulation)', () => {
   });
 
   it('an abort while a layer is on the wire releases only after that write completed', async () => {
-    const trace = new KvTracer();
-    const { p, d, sender, receiver } = await setup(SMALL, { sender: { trace } });
-    const peer = await p.engine.connect(d.engine.address!, { link: { bandwidth: '40kB/s' } }); // 12 KiB per layer: ~300 ms each
-    const received = receiver.expect('wire', { blocks: range(0, 6), deadlineMs: 10_000 });
+    let inFlightAtAbort = -1;
+    let sender!: LayerwiseSender;
+    let engine!: TransferEngine;
+    // Aborts right after layer 1's batch was submitted (the link keeps it on the wire ~300 ms).
+    class AbortOnLayer1 extends KvTracer {
+      override record(e: Parameters<KvTracer['record']>[0]): void {
+        super.record(e);
+        if (e.phase === 'sendStart' && e.layer === 1) {
+          setImmediate(() => {
+            inFlightAtAbort = engine.inFlight;
+            sender.abort('wire');
+          });
+        }
+      }
+    }
+    const trace = new AbortOnLayer1();
+    const x = await setup(SMALL, { sender: { trace } });
+    sender = x.sender;
+    engine = x.p.engine;
+    const peer = await engine.connect(x.d.engine.address!, { link: { bandwidth: '40kB/s' } }); // 12 KiB per layer
+    const received = x.receiver.expect('wire', { blocks: range(0, 6), deadlineMs: 10_000 });
     const h = sender.add({ requestId: 'wire', peer, localBlocks: range(10, 6), remoteBlocks: range(0, 6), tokens: 48 });
     allLayersReady(sender, SMALL.layers);
-    await waitFor(() => trace.events.some((e) => e.phase === 'sendStart' && e.layer === 1), 'layer 1 on the wire');
-    expect(p.engine.inFlight).toBe(1);
-    sender.abort('wire');
-    const atRelease = await h.released.then(() => ({ inFlight: p.engine.inFlight, ended: trace.events.some((e) => e.phase === 'sendEnd' && e.layer === 1) }));
+    const atRelease = await h.released.then(() => ({ inFlight: engine.inFlight, ended: trace.events.some((e) => e.phase === 'sendEnd' && e.layer === 1) }));
+    expect(inFlightAtAbort).toBe(1);
     expect(atRelease).toEqual({ inFlight: 0, ended: true });
     expect(trace.events.some((e) => e.phase === 'sendStart' && e.layer === 2)).toBe(false);
     await expect(received).rejects.toMatchObject({ code: 'ERR_ABORTED' });

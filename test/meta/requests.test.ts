@@ -56,6 +56,17 @@ test("a handler's TransferError code reaches the caller", async () => {
   off();
 });
 
+test.each(['ERR_CAPACITY', 'ERR_NOT_FOUND', 'ERR_INTEGRITY', 'ERR_REGION_FREED'] as const)(
+  'a handler failing with %s keeps that code across the wire',
+  async (code) => {
+    const off = server.handle('coded', () => {
+      throw new TransferError('refused', code);
+    });
+    await expectCode(() => peer.request('coded', {}), code);
+    off();
+  },
+);
+
 test('any other handler failure is ERR_REMOTE', async () => {
   const off = server.handle('boom', async () => {
     throw new Error('kaput');

@@ -2,6 +2,7 @@
  * Loads are released on every exit path, and a client that goes away cancels the
  * upstream work it started.
  */
+import { request } from 'node:http';
 import OpenAI from 'openai';
 import { describe, expect, it } from 'vitest';
 import { client, collectChat, expectNoLoad, imageMessage, pngDataUrl, proxy, waitFor, worker } from './helpers.js';
@@ -123,6 +124,20 @@ describe('client disconnect cancels upstream work', () => {
     await waitFor(() => [...e[0].log, ...e[1].log].every((x) => x.aborted), 'the encoders to see both aborted');
     expect(d.log).toHaveLength(0);
     await expectNoLoad(px);
+  });
+
+  it('a client that stops reading is cut after the idle timeout, and the upstream with it', async () => {
+    const pd = await worker({ role: 'pd', behaviour: { tokens: 2000, tokenBytes: 64 * 1024 } });
+    const px = await proxy({ instances: { pd: [pd.url] }, timeouts: { idleMs: 300 } });
+    const body = JSON.stringify({ model: 'fake-model', messages: [{ role: 'user', content: 'x' }], stream: true });
+    // Headers arrive, then the client never reads the body (nor notices anything: its socket is paused).
+    const req = request(`${px.url}/v1/chat/completions`, { method: 'POST', headers: { 'content-type': 'application/json' } }, (res) => res.pause());
+    req.on('error', () => {});
+    req.end(body);
+    await waitFor(() => pd.log[0]?.aborted === true, 'PD to be cancelled');
+    expect(pd.log[0].finished).toBe(false);
+    await expectNoLoad(px);
+    req.destroy();
   });
 
   it('while PD answers a non-streamed request', async () => {

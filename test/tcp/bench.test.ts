@@ -13,7 +13,7 @@ describe('epd-transfer bench transfer --transport tcp', () => {
     expect(run.code, run.stderr).toBe(0);
     const r = lastJson(run.stdout);
     expect(r).toMatchObject({ transport: 'tcp', connections: 3, op, blockBytes: 65536, batch: 16, verified: true });
-    expect(r.reference).toMatch(/raw loopback TCP socket pump, 3 connection/);
+    expect(r.reference).toMatch(/raw loopback TCP socket pump between the same two processes, 3 connection/);
     for (const field of ['gbps', 'gbpsMin', 'gbpsMax', 'referenceGbps', 'ratio', 'descriptorsPerSec']) {
       expect(r[field], field).toBeGreaterThan(0);
     }

@@ -3,6 +3,7 @@
 // secrets and wire versions. Each ends with the expected error, leaves other peers
 // alone, and leaks no socket or thread on either side.
 import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import net from 'node:net';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { TransferEngine, TransferError, type Peer, type Region } from '../../lib/index.js';
@@ -382,5 +383,39 @@ describe('authentication and versions', () => {
     const data = await rawDataConnect(good.segment!.tcp!.addresses[0], grant, dataKey(undefined, grant), WIRE_VERSION + 1);
     expect(data.rejected).toMatch(/^ERR_PROTOCOL_VERSION/);
     good.socket.destroy();
+  });
+});
+
+describe('repeated faults leak nothing', () => {
+  function rss(): number {
+    return Number(/VmRSS:\s+(\d+)/.exec(readFileSync('/proc/self/status', 'utf8'))![1]) * 1024;
+  }
+
+  it('40 connect/write/disconnect cycles and 40 hostile connections: fds, threads and memory stay flat on both sides', async () => {
+    const target = await startTcpPeer({ regions: [4 * MiB] });
+    const cycle = async () => {
+      const peer = await engine.connect(target.address, { transport: 'tcp', connections: 2 });
+      await write(peer, target.regions[0], MiB);
+      peer.disconnect();
+      await waitFor(() => peer.lost !== null, 'the disconnect to be seen');
+      const { socket, segment } = await rawHandshake(target.address);
+      const grant = Buffer.from(segment!.tcp!.grant, 'hex');
+      const { reader } = await rawDataConnect(segment!.tcp!.addresses[0], grant, dataKey(undefined, grant));
+      reader.socket.write(dataFrame(1, 1, [[target.regions[0], 4 * MiB, 1]], Buffer.alloc(1)));
+      await reader.closed();
+      socket.destroy();
+    };
+    for (let i = 0; i < 5; i++) await cycle(); // warm up allocators and pools
+    const base = baseline();
+    const targetBase = await target.call<{ fds: number; threads: number }>('resources');
+    const rss0 = rss();
+    for (let i = 0; i < 40; i++) await cycle();
+    await base.settled('40 cycles');
+    await waitFor(async () => {
+      const now = await target.call<{ fds: number; threads: number; tcp: { serverConnections: number } }>('resources');
+      return now.fds <= targetBase.fds && now.threads <= targetBase.threads && now.tcp.serverConnections === 0;
+    }, 'the target to be back to its baseline');
+    // Generous: allocator noise is a few MiB; a per-cycle leak of buffers or threads would be far more.
+    expect(rss() - rss0).toBeLessThan(32 * MiB);
   });
 });
