@@ -3,7 +3,7 @@
  *
  * Prints a table (or, with --json, one JSON object on stdout) and writes the HTML
  * report. Exit code: 0 when every request succeeded, 1 when some failed, 130 when
- * interrupted. The first Ctrl-C (or SIGTERM) stops the load and shuts everything
+ * interrupted. The first Ctrl-C (SIGINT, SIGTERM, SIGHUP) stops the load and shuts everything
  * down in order; a second one stops at once (the children are killed).
  */
 import { parseArgs } from 'node:util';
@@ -98,6 +98,7 @@ export async function runDemoCommand(args: string[]): Promise<number> {
   };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
+  process.on('SIGHUP', onSignal);
   try {
     const summary = await runDemo({
       topology,
@@ -127,5 +128,6 @@ export async function runDemoCommand(args: string[]): Promise<number> {
   } finally {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
+    process.off('SIGHUP', onSignal);
   }
 }

@@ -7,7 +7,7 @@
  *
  * IPC: sends `{ type: 'ready', url, pid }`; answers `{ type: 'traces' }` with
  * `{ type: 'traces', traces }` (and forgets them); stops on `{ type: 'shutdown' }`
- * or when the channel closes (the demo died). SIGINT is the demo's to handle.
+ * or when the channel closes (the demo died). SIGINT and SIGHUP are the demo's to handle.
  */
 import { EncoderCacheStore } from '../ec/store.js';
 import { EpdProxy } from '../proxy/server.js';
@@ -23,6 +23,8 @@ export interface ProxyProcessConfig {
   host: string;
 }
 
+const TRACE_LIMIT = 20_000;
+
 async function main(): Promise<void> {
   const config = JSON.parse(process.argv[2] ?? '{}') as ProxyProcessConfig;
   const store = await EncoderCacheStore.open({ name: config.ecStore });
@@ -35,7 +37,11 @@ async function main(): Promise<void> {
       instances: config.instances,
       secret: process.env.EPD_PROXY_SECRET || undefined,
       locator: new SharedStoreLocator(store),
-      onRequest: (trace) => traces.push(trace),
+      onRequest: (trace) => {
+        // Bounded like the workers' records: the newest timelines are kept.
+        if (traces.length >= TRACE_LIMIT) traces.shift();
+        traces.push(trace);
+      },
       health: { intervalMs: 1_000 },
       // The demo stops the proxy after its load (or on Ctrl-C): nothing worth waiting for.
       closeGraceMs: 500,
@@ -55,6 +61,8 @@ async function main(): Promise<void> {
     return stopping;
   };
   process.on('SIGINT', () => {});
+  process.on('SIGHUP', () => {});
+  process.stderr.on('error', () => {}); // a parent killed by SIGKILL leaves a closed pipe
   process.on('SIGTERM', () => void stop());
   process.on('disconnect', () => void stop());
   process.on('message', (m: { type?: string }) => {

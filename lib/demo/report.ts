@@ -89,8 +89,12 @@ function legend(items: Array<[string, string]>, x: number, y: number): string {
     .join('');
 }
 
+/** Rows of the timeline at most (a larger load shows its first requests; the rest are in the numbers). */
+const TIMELINE_ROWS = 400;
+
 /** Every request on one time axis: phases on each worker, layer transfers, first token. */
-function timelineSvg(timelines: readonly RequestTimeline[], t0: number): string {
+function timelineSvg(all: readonly RequestTimeline[], t0: number): string {
+  const timelines = all.slice(0, TIMELINE_ROWS);
   const left = 150;
   const width = 880;
   const row = 16;
@@ -297,7 +301,7 @@ ${row('layerwise exposed tail p50 / p99', `${fmt(s.exposedTailP50Ms, 2)} / ${fmt
 </table>
 
 <h2>Timeline</h2>
-<p>One row per request. Thin grey: the client waiting; purple: the encoder; teal: prefill loading the embedding from the shared cache; orange: prefill compute (upper half) with each layer's KV push in blue (lower half); green: decode streaming; ◆ first token; ✕ failure. Hover for numbers.</p>
+<p>One row per request${t.length > TIMELINE_ROWS ? ` (the first ${TIMELINE_ROWS} of ${t.length})` : ''}. Thin grey: the client waiting; purple: the encoder; teal: prefill loading the embedding from the shared cache; orange: prefill compute (upper half) with each layer's KV push in blue (lower half); green: decode streaming; ◆ first token; ✕ failure. Hover for numbers.</p>
 ${timelineSvg(t, input.t0)}
 
 ${showcase ? `<h2>Layer by layer: ${esc(showcase.id)}</h2>

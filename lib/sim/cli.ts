@@ -3,8 +3,8 @@
  * simulated instance in the foreground. Stops on SIGINT / SIGTERM (in-flight
  * requests get a grace period). Started by another process with an IPC channel
  * (the demo), it reports `{ type: 'ready', url, pid, engine }` over it, leaves
- * SIGINT to its parent (a Ctrl-C reaches the whole process group; the parent
- * decides the order of shutdown), stops on a `{ type: 'shutdown', graceMs? }` message, and
+ * SIGINT and SIGHUP to its parent (a Ctrl-C or a closed terminal reaches the
+ * whole process group; the parent decides the order of shutdown), stops on a `{ type: 'shutdown', graceMs? }` message, and
  * stops by itself when the channel closes — the parent died, so must it.
  */
 import { parseArgs } from 'node:util';
@@ -76,9 +76,12 @@ export async function runWorkerCommand(args: string[]): Promise<number> {
   const done = new Promise<void>((resolve) => {
     const finish = (why: string, graceMs?: number) => void stop(why, graceMs).then(resolve, resolve);
     process.on('SIGTERM', () => finish('SIGTERM'));
+    // A parent that died by SIGKILL leaves a closed pipe: logging must not crash the shutdown.
+    process.stderr.on('error', () => {});
     if (supervised) {
-      // The parent orders the shutdown on Ctrl-C; a dead parent closes the channel.
+      // The parent orders the shutdown on Ctrl-C or a closed terminal; a dead parent closes the channel.
       process.on('SIGINT', () => {});
+      process.on('SIGHUP', () => {});
       // Nobody is left to answer: in-flight requests get no grace.
       process.on('disconnect', () => finish('parent gone', 0));
       process.on('message', (m: { type?: string; graceMs?: number }) => {
@@ -86,6 +89,7 @@ export async function runWorkerCommand(args: string[]): Promise<number> {
       });
     } else {
       process.on('SIGINT', () => finish('SIGINT'));
+      process.on('SIGHUP', () => finish('SIGHUP'));
     }
   });
   const banner = `${simulationLabel(role, profile)}\n${role} worker listening on ${worker.url}${worker.engineAddress ? ` (transfer engine ${worker.engineAddress})` : ''}`;

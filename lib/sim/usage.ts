@@ -1,6 +1,7 @@
 /** Help text of `epd-transfer worker` (kept apart so `epd-transfer help` loads nothing else). */
 import { PROFILES } from './profiles.js';
 
+/** The `worker` lines of `epd-transfer help`. */
 export const WORKER_USAGE = `  worker --role <role> [options]  a SIMULATED E, P, D or PD instance (vLLM's HTTP API; real transfers)
       --role encode|prefill|decode|pd
       --model <id>               model profile (qwen2.5-vl-7b); one of
