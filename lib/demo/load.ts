@@ -131,33 +131,30 @@ function epochMs(): number {
   return performance.timeOrigin + performance.now();
 }
 
+/** The official client, pointed at the proxy; no retries (an error is counted, not hidden). */
+export function proxyClient(baseUrl: string, timeoutMs: number): OpenAI {
+  return new OpenAI({ baseURL: `${baseUrl}/v1`, apiKey: 'epd-demo-simulated-workers-need-no-key', maxRetries: 0, timeout: timeoutMs });
+}
+
 /** Options of {@link runLoad}. */
 export interface LoadOptions {
-  /** The proxy's base URL. */
-  baseUrl: string;
+  /** A client of the proxy ({@link proxyClient}). */
+  client: OpenAI;
   model: string;
   concurrency: number;
   /** Stops sending; requests in flight are cancelled. */
   signal: AbortSignal;
-  /** Deadline of one request (ms). */
-  timeoutMs: number;
   /** Called after each request. */
   onResult?: (result: ClientResult) => void;
 }
 
 /** Sends every request through the proxy, `concurrency` at a time; resolves with what the client saw. */
 export async function runLoad(requests: readonly LoadRequest[], options: LoadOptions): Promise<ClientResult[]> {
-  const client = new OpenAI({
-    baseURL: `${options.baseUrl}/v1`,
-    apiKey: 'epd-demo-simulated-workers-need-no-key',
-    maxRetries: 0,
-    timeout: options.timeoutMs,
-  });
   const results: ClientResult[] = [];
   let next = 0;
   const lane = async () => {
     while (!options.signal.aborted && next < requests.length) {
-      const result = await send(client, requests[next++], options);
+      const result = await send(options.client, requests[next++], options);
       results.push(result);
       options.onResult?.(result);
     }

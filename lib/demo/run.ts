@@ -5,8 +5,9 @@
  *    of the topology and the proxy, each its own process on 127.0.0.1, with a
  *    fresh shared secret for the proxy's metaserver and one for the transfer
  *    engines (in their environment, never on a command line).
- * 2. Sends a seeded mix of text, new-image and repeated-image requests through
- *    the proxy with the official `openai` client, a few at a time.
+ * 2. Sends one warm-up request (not counted), then a seeded mix of text,
+ *    new-image and repeated-image requests through the proxy with the official
+ *    `openai` client, a few at a time.
  * 3. Collects what the client saw, the proxy's per-request timelines and every
  *    worker's counters and records, and writes the HTML report.
  * 4. Stops every process (orderly, with deadlines, then by force) and closes the
@@ -23,7 +24,7 @@ import { native } from '../native.js';
 import type { RequestTrace } from '../proxy/flow.js';
 import { getProfile, REFERENCE_ACCELERATOR } from '../sim/profiles.js';
 import type { SimRole, WorkerStats } from '../sim/stats.js';
-import { planLoad, runLoad, type ClientResult } from './load.js';
+import { planLoad, proxyClient, runLoad, type ClientResult } from './load.js';
 import { packageRoot, Supervisor, type Child } from './processes.js';
 import type { ProxyProcessConfig } from './proxy-process.js';
 import { Progress } from './progress.js';
@@ -43,7 +44,7 @@ export interface DemoOptions {
   seed: number;
   /** Where to write the HTML report; null for none. */
   report: string | null;
-  /** Fault injection: each prefill instance corrupts the KV of its n-th request (decode's check must fail it). */
+  /** Fault injection: the KV of the load's n-th request (1-based) is corrupted on prefill; decode's check must fail it. */
   corruptKv?: number;
   /** Simulated KV cache of each P, D and PD (bytes). Default 384 MiB. */
   kvMemory?: number;
@@ -103,10 +104,18 @@ function writeReport(file: string, html: string, log: (line: string) => void): s
   }
 }
 
+/** A worker's counters, and its per-request records since the previous call (drained). */
 async function workerStats(child: Child): Promise<WorkerStats> {
   const res = await fetch(`${child.ready.url}/sim/stats?records=1`, { signal: AbortSignal.timeout(10_000) });
   if (!res.ok) throw new TransferError(`${child.name} answered ${res.status} to /sim/stats`, 'ERR_REMOTE');
   return (await res.json()) as WorkerStats;
+}
+
+/** A worker's counters since `before` (the warm-up left out); records were drained at `before`. */
+function since(after: WorkerStats, before: WorkerStats): WorkerStats {
+  const minus = <T extends object>(a: T, b: T): T =>
+    Object.fromEntries(Object.entries(a).map(([k, v]) => [k, typeof v === 'number' ? v - ((b as Record<string, number>)[k] ?? 0) : v])) as T;
+  return { ...after, ec: minus(after.ec, before.ec), kv: minus(after.kv, before.kv) };
 }
 
 /** Runs the demo (see the module comment) and returns its numbers. */
@@ -127,6 +136,11 @@ export async function runDemo(o: DemoOptions): Promise<DemoSummary> {
     // Created here so it exists before anyone opens it; the last process to close it removes it.
     store = await EncoderCacheStore.open({ name: storeName, capacity: EC_CAPACITY });
     const roles = topologyRoles(o.topology);
+    const requests = planLoad(o.requests, { seed: o.seed, vision: profile.vision !== undefined, runId });
+    const corrupt = o.corruptKv === undefined ? undefined : requests[o.corruptKv - 1]?.id;
+    if (o.corruptKv !== undefined && corrupt === undefined) {
+      throw new TransferError(`--corrupt-kv ${o.corruptKv}: the load has only ${requests.length} requests`, 'ERR_BAD_ARGUMENT');
+    }
     o.log(`starting ${roles.map((r) => r.name).join(', ')} and the proxy (${o.topology}, ${profile.id}, simulated) ...`);
     const kvMemory = String(o.kvMemory ?? 384 << 20);
     const workers = await unlessAborted(
@@ -137,7 +151,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoSummary> {
             module: bin,
             args: [
               'worker', '--role', r.role, '--model', profile.id, '--ec-store', storeName, '--ec-capacity', String(EC_CAPACITY), '--kv-memory', kvMemory,
-              ...(r.role === 'prefill' && o.corruptKv !== undefined ? ['--corrupt-kv', String(o.corruptKv)] : []),
+              ...(r.role === 'prefill' && corrupt !== undefined ? ['--corrupt-kv', corrupt] : []),
             ],
             env,
             readyTimeoutMs: 60_000,
@@ -154,20 +168,28 @@ export async function runDemo(o: DemoOptions): Promise<DemoSummary> {
     );
     o.log(`proxy ${proxy.ready.url}; sending ${o.requests} requests, ${o.concurrency} at a time, with the openai client`);
 
-    const requests = planLoad(o.requests, { seed: o.seed, vision: profile.vision !== undefined, runId });
     if (!profile.vision) o.log(`${profile.id} has no vision encoder: text requests only`);
+
+    // A few short text requests first, not counted: the client's connections, the prefill →
+    // decode handshake and first-use costs would otherwise land on the first measured requests.
+    const load = { client: proxyClient(proxy.ready.url, 120_000), model: profile.id, signal: o.signal };
+    const warmups = Array.from({ length: o.concurrency }, (_, i) => ({
+      index: i,
+      id: `demo-${runId}-warmup-${i}`,
+      kind: 'text' as const,
+      messages: [{ role: 'user' as const, content: 'Warm up.' }],
+      maxTokens: 2,
+    }));
+    const failed = (await runLoad(warmups, { ...load, concurrency: o.concurrency })).find((r) => !r.ok);
+    if (failed && !o.signal.aborted) throw new TransferError(`a warm-up request failed: ${failed.error}`, 'ERR_REMOTE');
+    await supervisor.ask(proxy, { type: 'traces' }, 'traces', 10_000);
+    const baseline = new Map(await Promise.all(workers.map(async (w) => [w.name, await workerStats(w)] as const)));
+
     const progress = new Progress(requests.length, o.progress);
     const t0 = epochMs();
     let clients: ClientResult[];
     try {
-      clients = await runLoad(requests, {
-        baseUrl: proxy.ready.url,
-        model: profile.id,
-        concurrency: o.concurrency,
-        signal: o.signal,
-        timeoutMs: 120_000,
-        onResult: (r) => progress.tick(r.ok),
-      });
+      clients = await runLoad(requests, { ...load, concurrency: o.concurrency, onResult: (r) => progress.tick(r.ok) });
     } finally {
       progress.finish();
     }
@@ -175,7 +197,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoSummary> {
 
     const traces = (await supervisor.ask<{ traces: RequestTrace[] }>(proxy, { type: 'traces' }, 'traces', 10_000)).traces;
     const reports: WorkerReport[] = await Promise.all(
-      workers.map(async (w) => ({ name: w.name, role: w.ready.role as SimRole, url: w.ready.url, stats: await workerStats(w) })),
+      workers.map(async (w) => ({ name: w.name, role: w.ready.role as SimRole, url: w.ready.url, stats: since(await workerStats(w), baseline.get(w.name)!) })),
     );
     const summary = summarize({
       simulation:

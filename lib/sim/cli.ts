@@ -45,9 +45,7 @@ export async function runWorkerCommand(args: string[]): Promise<number> {
     throw new TransferError(`Expected --role encode, prefill, decode or pd but received ${JSON.stringify(values.role ?? null)}`, 'ERR_BAD_ARGUMENT');
   }
   const profile = getProfile(values.model);
-  const corruptKv = values['corrupt-kv']
-    ? values['corrupt-kv'].split(',').map((v) => expectInteger(Number(v), '--corrupt-kv', 1))
-    : undefined;
+  const corruptKv = values['corrupt-kv']?.split(',').map((v) => v.trim()).filter(Boolean);
   const worker = await SimWorker.start({
     role,
     model: profile.id,

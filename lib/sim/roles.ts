@@ -43,8 +43,8 @@ export interface RoleSettings {
   blockWaitMs: number;
   /** Decode: shared secret to sign /v1/metaserver calls with. */
   proxySecret: string | undefined;
-  /** Prefill: 1-based numbers of the prefill requests whose KV is corrupted (fault injection). */
-  corruptKv: ReadonlySet<number>;
+  /** Prefill: ids of the requests whose KV is corrupted (fault injection). */
+  corruptKv: ReadonlySet<string>;
 }
 
 /** Everything a role needs; one per worker. */
@@ -65,8 +65,6 @@ export interface RoleContext {
   settings: RoleSettings;
   ec: EcCounters;
   kv: KvCounters;
-  /** Prefill requests started (numbers fault injection). */
-  prefillCount: number;
   /** Encoder: encodes in flight by mm_hash (one pass per item however many ask). */
   encoding: Map<string, Promise<void>>;
   /** The EC connector steps one request at a time, as a scheduler loop would. */
@@ -289,8 +287,7 @@ export async function servePrefill(ctx: RoleContext, call: Call): Promise<void> 
     released = handle.released;
     // A push that fails while the prompt still waits for the device leaves the queue.
     handle.result.catch(() => scope.abort());
-    const n = ++ctx.prefillCount;
-    const corruptLayer = ctx.settings.corruptKv.has(n) ? ctx.profile.layers >> 1 : undefined;
+    const corruptLayer = ctx.settings.corruptKv.has(remote.requestId) ? ctx.profile.layers >> 1 : undefined;
     try {
       call.record.prefill = await ctx.runner.prefill({ requestId: remote.requestId, tokens: call.prompt.tokens, blocks, corruptLayer, signal: scope.signal });
     } catch (err) {

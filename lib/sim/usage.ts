@@ -17,6 +17,6 @@ export const WORKER_USAGE = `  worker --role <role> [options]  a SIMULATED E, P,
       --block-wait <t>           longest wait for free KV blocks before 503 (30s)
       --kv-quiesce <t>           decode: blocks of a failed request stay held this long unless
                                  its prefill confirms it stopped writing (30s)
-      --corrupt-kv <n,...>       fault injection (prefill): corrupt one KV byte of these requests
-                                 (1-based); decode's byte check must fail them
+      --corrupt-kv <id,...>      fault injection (prefill): corrupt one KV byte of the requests with
+                                 these ids (X-Request-Id); decode's byte check must fail them
 `;

@@ -69,8 +69,8 @@ export interface SimWorkerOptions {
   proxySecret?: string;
   /** Transfer-engine secret (handshake and tcp data). Default: EPD_TRANSFER_SECRET. */
   transferSecret?: string;
-  /** Fault injection (prefill): corrupt one byte of the KV of these prefill requests (1-based). */
-  corruptKv?: readonly number[];
+  /** Fault injection (prefill): corrupt one byte of the KV of the requests with these ids. */
+  corruptKv?: readonly string[];
   /** Operational messages. */
   log?: (message: string) => void;
 }
@@ -173,7 +173,6 @@ export class SimWorker {
         },
         ec: emptyEc(),
         kv: emptyKv(),
-        prefillCount: 0,
         encoding: new Map(),
         ecTurn: Promise.resolve(),
         pending: new Set(),
