@@ -51,12 +51,19 @@ export interface WorkerStats {
   requests: { total: number; ok: number; failed: number; active: number };
   ec: EcCounters;
   kv: KvCounters;
-  /** Simulated device time by kind (ms) and steps run. */
-  device: { busyMs: { prefill: number; decode: number; encode: number }; steps: { prefill: number; decode: number; encode: number } };
-  /** KV cache blocks (0 for an encoder). */
-  cache: { blocks: number; free: number; bytes: number };
+  /** Simulated device time by kind (ms), steps run, prompts waiting for prefill and sequences decoding now. */
+  device: {
+    busyMs: { prefill: number; decode: number; encode: number };
+    steps: { prefill: number; decode: number; encode: number };
+    queued: number;
+    decoding: number;
+  };
+  /** KV cache blocks (0 for an encoder): total, free, requests waiting for blocks, bytes. */
+  cache: { blocks: number; free: number; waiting: number; bytes: number };
   /** Per-request records since the last drain (only with `?records=1`). */
   records?: SimRequestRecord[];
+  /** Records discarded because nobody drained them in time (the newest are kept). */
+  recordsDropped: number;
 }
 
 /** One request as a worker saw it (times are epoch ms). */

@@ -224,8 +224,13 @@ export class SimWorker {
       device: {
         busyMs: { prefill: busy.prefill / 1000, decode: busy.decode / 1000, encode: busy.encode / 1000 },
         steps: { ...ctx.runner.steps },
+        queued: ctx.runner.queued,
+        decoding: ctx.runner.decoding,
       },
-      cache: ctx.cache ? { blocks: ctx.cache.geometry.numBlocks, free: ctx.cache.blocks.free, bytes: ctx.cache.bytes } : { blocks: 0, free: 0, bytes: 0 },
+      cache: ctx.cache
+        ? { blocks: ctx.cache.geometry.numBlocks, free: ctx.cache.blocks.free, waiting: ctx.cache.blocks.waiting, bytes: ctx.cache.bytes }
+        : { blocks: 0, free: 0, waiting: 0, bytes: 0 },
+      recordsDropped: this.records.droppedRecords,
     };
     if (drain) stats.records = this.records.drain();
     return stats;
