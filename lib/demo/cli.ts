@@ -45,14 +45,15 @@ export function formatSummary(s: DemoSummary): string {
     ],
     ['layerwise exposed tail', s.exposedTailP50Ms === null ? '–' : `${fmt(s.exposedTailP50Ms, 2)} ms p50, ${fmt(s.exposedTailP99Ms, 2)} ms p99 (KV complete after the last layer's compute)`],
   ];
-  if (s.errorSamples.length > 0) lines.push(['errors', s.errorSamples.join('\n' + ' '.repeat(26))]);
+  if (s.errorSamples.length > 0) lines.push(['errors', s.errorSamples.join('\n')]);
+  if (s.unreachable.length > 0) lines.push(['lost', `${s.unreachable.join(', ')} (died during the run; their bytes are not counted)`]);
   if (s.report) lines.push(['report', s.report]);
   const width = Math.max(...lines.map(([a]) => a.length));
   return [
     `epd-transfer demo — ${s.topology}, ${s.model}`,
     `SIMULATION: ${s.simulation}`,
     '',
-    ...lines.map(([a, b]) => `  ${a.padEnd(width)}  ${b}`),
+    ...lines.map(([a, b]) => `  ${a.padEnd(width)}  ${b.split('\n').join(`\n${' '.repeat(width + 4)}`)}`),
   ].join('\n');
 }
 

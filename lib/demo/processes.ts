@@ -68,8 +68,10 @@ export class Supervisor {
   private readonly children = new Map<ChildProcess, string>();
   private readonly running: Child[] = [];
   private readonly exitHook = () => this.killAll();
+  private stopping = false;
 
-  constructor() {
+  /** @param onLost called when a ready child exits before {@link stopAll} (it crashed or was killed). */
+  constructor(private readonly onLost?: (name: string, how: string) => void) {
     process.on('exit', this.exitHook);
   }
 
@@ -127,6 +129,9 @@ export class Supervisor {
     });
     const started: Child = { name: spec.name, process: child, ready, log, exited };
     this.running.push(started);
+    void exited.then(({ code, signal }) => {
+      if (!this.stopping) this.onLost?.(spec.name, signal ?? `exit code ${code}`);
+    });
     return started;
   }
 
@@ -160,6 +165,7 @@ export class Supervisor {
    * those that had to be killed.
    */
   async stopAll(requestGraceMs = 5_000, deadlineMs = requestGraceMs + 5_000): Promise<string[]> {
+    this.stopping = true;
     const live = [...this.running];
     for (const c of live) if (c.process.connected) c.process.send({ type: 'shutdown', graceMs: requestGraceMs });
     const killed: string[] = [];

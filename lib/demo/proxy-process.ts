@@ -42,7 +42,8 @@ async function main(): Promise<void> {
         if (traces.length >= TRACE_LIMIT) traces.shift();
         traces.push(trace);
       },
-      health: { intervalMs: 1_000 },
+      // Checks every second, but patient ones: ten processes share two cores here.
+      health: { intervalMs: 1_000, timeoutMs: 3_000, unhealthyAfter: 3 },
       // The demo stops the proxy after its load (or on Ctrl-C): nothing worth waiting for.
       closeGraceMs: 500,
       log: (message) => process.stderr.write(`${new Date().toISOString()} epd-proxy ${message}\n`),

@@ -130,7 +130,11 @@ export async function runDemo(o: DemoOptions): Promise<DemoSummary> {
     EPD_PROXY_SECRET: randomBytes(24).toString('base64url'),
     EPD_TRANSFER_SECRET: randomBytes(24).toString('base64url'),
   };
-  const supervisor = new Supervisor();
+  const lost: string[] = [];
+  const supervisor = new Supervisor((name, how) => {
+    lost.push(name);
+    o.log(`${name} exited during the run (${how}); requests routed to it fail`);
+  });
   let store: EncoderCacheStore | undefined;
   try {
     // Created here so it exists before anyone opens it; the last process to close it removes it.
@@ -196,9 +200,21 @@ export async function runDemo(o: DemoOptions): Promise<DemoSummary> {
     const durationS = (epochMs() - t0) / 1000;
 
     const traces = (await supervisor.ask<{ traces: RequestTrace[] }>(proxy, { type: 'traces' }, 'traces', 10_000)).traces;
-    const reports: WorkerReport[] = await Promise.all(
-      workers.map(async (w) => ({ name: w.name, role: w.ready.role as SimRole, url: w.ready.url, stats: since(await workerStats(w), baseline.get(w.name)!) })),
-    );
+    // A worker that died during the load (its requests already count as errors) has no stats to give.
+    const unreachable: string[] = [];
+    const reports: WorkerReport[] = (
+      await Promise.all(
+        workers.map(async (w) => {
+          try {
+            return { name: w.name, role: w.ready.role as SimRole, url: w.ready.url, stats: since(await workerStats(w), baseline.get(w.name)!) };
+          } catch (err) {
+            unreachable.push(w.name);
+            o.log(`cannot read ${w.name}'s numbers: ${(err as Error).message}`);
+            return undefined;
+          }
+        }),
+      )
+    ).filter((r): r is WorkerReport => r !== undefined);
     const summary = summarize({
       simulation:
         `simulated E/P/D workers: compute times derived from the ${profile.name} profile for a ${REFERENCE_ACCELERATOR.name}; ` +
@@ -212,6 +228,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoSummary> {
       workers: reports,
       durationS,
       processes: [proxy, ...workers].map((c) => ({ name: c.name, role: c.ready.role ?? 'proxy', pid: c.ready.pid, url: c.ready.url })),
+      unreachable,
     });
     if (o.report !== null) {
       const html = renderReport({
@@ -229,11 +246,11 @@ export async function runDemo(o: DemoOptions): Promise<DemoSummary> {
     // After the load nothing is in flight; after an interrupt, what is in flight is abandoned.
     const killed = await supervisor.stopAll(o.signal.aborted ? 0 : 5_000);
     await store?.close();
-    if (killed.length > 0) {
-      // A process that had to be killed could not remove its shared memory: do it for it.
+    if (killed.length + lost.length > 0) {
+      // A process that died or had to be killed could not remove its shared memory: do it for it.
       native.reclaimStaleShm();
       native.reclaimStaleEcStores();
-      o.log(`had to kill ${killed.join(', ')}; removed the shared memory they left`);
+      if (killed.length > 0) o.log(`had to kill ${killed.join(', ')}`);
     }
   }
 }

@@ -77,6 +77,8 @@ export interface DemoSummary {
   /** Up to five distinct error messages. */
   errorSamples: string[];
   processes: Array<{ name: string; role: string; pid: number; url: string }>;
+  /** Workers whose numbers could not be read at the end (they died during the run): their bytes are missing above. */
+  unreachable: string[];
   /** Where the HTML report was written. */
   report: string | null;
 }
@@ -189,6 +191,7 @@ export function summarize(input: {
   workers: readonly WorkerReport[];
   durationS: number;
   processes: DemoSummary['processes'];
+  unreachable: string[];
 }): DemoSummary {
   const { traces, workers } = input;
   const clients = input.clients.filter((c) => !c.cancelled);
@@ -262,6 +265,7 @@ export function summarize(input: {
     exposedTailP99Ms: round(percentile(tails, 99), 3),
     errorSamples,
     processes: input.processes,
+    unreachable: input.unreachable,
     report: null,
   };
 }
