@@ -225,6 +225,7 @@ export function summarize(input: {
   const ecLoaded = sum(consumers, (s) => s.ec.loadedBytes);
   const kvBytes = sum('prefill', (s) => s.kv.pushedBytes);
   const kvWriteMs = sum('prefill', (s) => s.kv.writeMs);
+  const kvWritten = sum('prefill', (s) => s.kv.writtenBytes);
   const tails: number[] = [];
   for (const w of workers) for (const r of w.stats.records ?? []) if (r.kv?.exposedTailMs !== undefined && r.ok) tails.push(r.kv.exposedTailMs);
   const errorSamples = [...new Set(clients.filter((c) => !c.ok && c.error).map((c) => c.error!))].slice(0, 5);
@@ -259,7 +260,7 @@ export function summarize(input: {
     bytes: { ec: ecLoaded, ecSaved: sum('encode', (s) => s.ec.savedBytes), kv: kvBytes },
     verifiedBytes: { ec: sum(consumers, (s) => s.ec.verifiedBytes), kv: sum('decode', (s) => s.kv.verifiedBytes) },
     kvVerifyFailures: sum('decode', (s) => s.kv.verifyFailures),
-    kvGBps: kvWriteMs > 0 ? round(kvBytes / (kvWriteMs / 1000) / 1e9, 3) : null,
+    kvGBps: kvWriteMs > 0 ? round(kvWritten / (kvWriteMs / 1000) / 1e9, 3) : null,
     ecGBps: loadMs > 0 ? round(ecLoaded / (loadMs / 1000) / 1e9, 3) : null,
     exposedTailP50Ms: round(percentile(tails, 50), 3),
     exposedTailP99Ms: round(percentile(tails, 99), 3),

@@ -310,6 +310,7 @@ export async function servePrefill(ctx: RoleContext, call: Call): Promise<void> 
     const exposedTailMs = timeline.done !== undefined && last?.ready !== undefined ? timeline.done - last.ready : undefined;
     call.record.kv = { ...timeline, bytes, exposedTailMs };
     ctx.kv.batches = ctx.traces!.totals.batches;
+    ctx.kv.writtenBytes = ctx.traces!.totals.bytes;
     ctx.kv.writeMs = ctx.traces!.totals.writeMs;
   }
 }

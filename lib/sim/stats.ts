@@ -30,10 +30,12 @@ export interface EcCounters {
 
 /** KV activity of a worker. */
 export interface KvCounters {
-  /** Prefill: requests pushed to decode, bytes written, batches and their summed write time (ms). */
+  /** Prefill: requests whose KV decode accepted, and their bytes. */
   pushed: number;
   pushedBytes: number;
+  /** Prefill: every batch written (failed requests' too), their bytes and summed write time (ms). */
   batches: number;
+  writtenBytes: number;
   writeMs: number;
   /** Decode: requests received, bytes checked byte for byte, time spent checking (ms), failures. */
   received: number;
@@ -133,5 +135,5 @@ export function emptyEc(): EcCounters {
 
 /** Counters at zero. */
 export function emptyKv(): KvCounters {
-  return { pushed: 0, pushedBytes: 0, batches: 0, writeMs: 0, received: 0, verifiedBytes: 0, verifyMs: 0, verifyFailures: 0 };
+  return { pushed: 0, pushedBytes: 0, batches: 0, writtenBytes: 0, writeMs: 0, received: 0, verifiedBytes: 0, verifyMs: 0, verifyFailures: 0 };
 }
