@@ -171,20 +171,19 @@ export async function runDemo(o: DemoOptions): Promise<DemoSummary> {
       o.signal,
     );
     o.log(`proxy ${proxy.ready.url}; sending ${o.requests} requests, ${o.concurrency} at a time, with the openai client`);
-
     if (!profile.vision) o.log(`${profile.id} has no vision encoder: text requests only`);
 
     // A few short text requests first, not counted: the client's connections, the prefill →
     // decode handshake and first-use costs would otherwise land on the first measured requests.
     const load = { client: proxyClient(proxy.ready.url, 120_000), model: profile.id, signal: o.signal };
-    const warmups = Array.from({ length: o.concurrency }, (_, i) => ({
+    const warmups = Array.from({ length: Math.min(o.concurrency, 8) }, (_, i) => ({
       index: i,
       id: `demo-${runId}-warmup-${i}`,
       kind: 'text' as const,
       messages: [{ role: 'user' as const, content: 'Warm up.' }],
       maxTokens: 2,
     }));
-    const failed = (await runLoad(warmups, { ...load, concurrency: o.concurrency })).find((r) => !r.ok);
+    const failed = (await runLoad(warmups, { ...load, concurrency: warmups.length })).find((r) => !r.ok);
     if (failed && !o.signal.aborted) throw new TransferError(`a warm-up request failed: ${failed.error}`, 'ERR_REMOTE');
     await supervisor.ask(proxy, { type: 'traces' }, 'traces', 10_000);
     const baseline = new Map(await Promise.all(workers.map(async (w) => [w.name, await workerStats(w)] as const)));
