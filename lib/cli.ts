@@ -21,6 +21,7 @@ import { probe, type BackendStatus } from './probe.js';
 import { DEMO_USAGE } from './demo/usage.js';
 import { WORKER_USAGE } from './sim/usage.js';
 import { BENCH_PROXY_USAGE, PROXY_USAGE, benchProxyCommand, runProxyCommand } from './proxy/cli.js';
+import { META_USAGE, metadataCommand, registerCommand } from './meta/cli.js';
 import { expectInteger, parseBytes } from './validate.js';
 
 const USAGE = `Usage: epd-transfer <command> [options]
@@ -49,12 +50,19 @@ Commands:
       --integrity                checksum every layer, verified by decode
       --trace <file>             write a Chrome trace (prefill + decode) of the last run
       --json                     one JSON object instead of the table
+  bench metadata [options]       etcd: lease-expiry detection and shared-load staleness, real etcd
+      --metadata <etcd://h:p>    etcd to use (default: a private etcd-server for the run)
+      --ttl <s,s>                lease TTLs to time a kill -9 against (2,5)
+      --runs <n>                 kills per TTL (5)
+      --sync <ms,ms>             proxy loadSyncMs values to measure staleness for (0,20,50)
+      --changes <n>              load changes per loadSyncMs (400)
+      --json                     one JSON object instead of the table
 ${BENCH_PROXY_USAGE}  bench ec [options]             encoder cache: save in one process, load in others, next to memcpy
       --bytes <size>             embedding size (18MiB)
       --processes <n>            loader processes, measured one after another (1)
       --runs <n>                 measured runs, median reported (5)
       --json                     one JSON object instead of the table
-${PROXY_USAGE}${WORKER_USAGE}${DEMO_USAGE}  shm-gc                         remove shared memory left by crashed engines and encoder caches
+${PROXY_USAGE}${META_USAGE}${WORKER_USAGE}${DEMO_USAGE}  shm-gc                         remove shared memory left by crashed engines and encoder caches
 `;
 
 async function benchEc(args: string[]): Promise<void> {
@@ -115,6 +123,31 @@ async function benchTransfer(args: string[]): Promise<void> {
   });
   if (values.json) console.log(JSON.stringify(result));
   else printTransferResult(result);
+}
+
+async function benchMetadata(args: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args,
+    options: {
+      metadata: { type: 'string' },
+      ttl: { type: 'string', default: '2,5' },
+      runs: { type: 'string', default: '5' },
+      sync: { type: 'string', default: '0,20,50' },
+      changes: { type: 'string', default: '400' },
+      json: { type: 'boolean', default: false },
+    },
+  });
+  const list = (v: string, name: string, min: number, max: number) => v.split(',').map((x) => expectInteger(Number(x), name, min, max));
+  const { runMetadataBench, printMetadataResult } = await import('../bench/metadata.js');
+  const result = await runMetadataBench({
+    metadata: values.metadata,
+    ttls: list(values.ttl, '--ttl', 2, 60),
+    runs: expectInteger(Number(values.runs), '--runs', 1, 100),
+    syncs: list(values.sync, '--sync', 0, 10_000),
+    changes: expectInteger(Number(values.changes), '--changes', 10, 100_000),
+  });
+  if (values.json) console.log(JSON.stringify(result));
+  else printMetadataResult(result);
 }
 
 async function benchLayerwise(args: string[]): Promise<void> {
@@ -191,6 +224,10 @@ export async function main(argv: string[]): Promise<number> {
           return 0;
         }
         if (what === 'proxy') return await benchProxyCommand(args);
+        if (what === 'metadata') {
+          await benchMetadata(args);
+          return 0;
+        }
         if (what === 'ec') {
           await benchEc(args);
           return 0;
@@ -200,6 +237,10 @@ export async function main(argv: string[]): Promise<number> {
       }
       case 'proxy':
         return await runProxyCommand(rest);
+      case 'register':
+        return await registerCommand(rest);
+      case 'metadata':
+        return await metadataCommand(rest);
       case 'worker': {
         const { runWorkerCommand } = await import('./sim/cli.js');
         return await runWorkerCommand(rest);

@@ -17,6 +17,8 @@ import { Device } from './device.js';
 import { TransferError, isTransferError, withCallerStack } from './errors.js';
 import { ControlClient, ControlServer, dataKey, parseAddress, type ControlSession, type RequestHandler } from './meta/handshake.js';
 import { WIRE_VERSION, type SegmentDescriptor } from './meta/wire.js';
+import type { EtcdOptions } from './meta/etcd.js';
+import { isAddress, openMetadataStore, recordFromSegment, type MetadataStore, type SegmentRecord } from './meta/store.js';
 import { resolveLink, type LinkOptions, type NativeLinkSpec } from './link.js';
 import { addonPath, COUNTER_NAMES, native, type NativeEngine } from './native.js';
 import { vendorBackends } from './probe.js';
@@ -90,6 +92,20 @@ export interface EngineOptions {
    * fault injection. See {@link LinkOptions} and docs/TCP.md. Default: none.
    */
   link?: LinkOptions;
+  /**
+   * Where engines find each other. `'embedded'` (default, or the
+   * `EPD_TRANSFER_METADATA` environment variable): each engine's control port
+   * describes it, peers are named by "host:port". `'etcd://host:port[,host:port][/prefix]'`:
+   * the engine publishes its segment record in etcd under a lease (TTL + keep-alive,
+   * see `metadataOptions`), `connect(name)` resolves engine names there, and a peer
+   * whose record leaves (it closed, crashed, or its host vanished and the lease
+   * expired) is dropped at once: work in flight to it fails with ERR_PEER_LOST
+   * instead of at its deadline. A {@link MetadataStore} may be passed instead (the
+   * engine does not close it). See docs/METADATA.md.
+   */
+  metadata?: string | MetadataStore;
+  /** etcd only: `prefix` (default `epd-transfer/`), `ttlSeconds` (lease TTL, default 10), `timeoutMs` (per etcd call, default 5000). */
+  metadataOptions?: EtcdOptions;
 }
 
 /** Which transport reaches a peer. `mooncake` and `hccl` need the engine opened with them. */
@@ -216,6 +232,11 @@ function closeOnExit(engine: NativeEngine): WeakRef<NativeEngine> {
   const ref = new WeakRef(engine);
   openOnExit.add(ref);
   return ref;
+}
+
+function isMetadataStore(value: unknown): value is MetadataStore {
+  const v = value as MetadataStore;
+  return typeof v === 'object' && v !== null && typeof v.publish === 'function' && typeof v.resolve === 'function' && typeof v.watch === 'function';
 }
 
 function readBootId(): string {
@@ -432,6 +453,13 @@ export class TransferEngine {
   private closing: Promise<void> | null = null;
   private closed = false;
   private dataAddress: string | undefined;
+  private store!: MetadataStore;
+  private ownsStore = false;
+  private published = false;
+  private republishing: Promise<void> | null = null;
+  private republishAgain = false;
+  /** Tells this opening from a later engine of the same name (in its metadata record). */
+  private readonly instanceId = randomBytes(8).toString('hex');
   private mooncakeSegment: string | undefined;
   private hccl: HcclResponder | undefined;
 
@@ -484,8 +512,13 @@ export class TransferEngine {
     const port = o.port === undefined ? 0 : expectInteger(o.port, 'options.port', 0, 65535);
     const dataHost = o.dataHost === undefined ? host : expectString(o.dataHost, 'options.dataHost');
     const dataPort = o.dataPort === undefined ? 0 : expectInteger(o.dataPort, 'options.dataPort', 0, 65535);
+    const spec = o.metadata ?? process.env.EPD_TRANSFER_METADATA ?? 'embedded';
+    if (typeof spec !== 'string' && !isMetadataStore(spec)) badArgument('options.metadata', '"embedded", an etcd:// URL or a MetadataStore', spec);
+    const store = typeof spec === 'string' ? await openMetadataStore(spec, { ...expectOptionalObject(o.metadataOptions, 'options.metadataOptions'), clientName: name, secret: resolved.secret }) : spec;
     if (o.reclaimStale !== false) native.reclaimStaleShm();
     const engine = new TransferEngine(resolved, name, null);
+    engine.store = store;
+    engine.ownsStore = typeof spec === 'string';
     try {
       if (o.mooncake !== undefined && o.mooncake !== false) {
         engine.mooncakeSegment = engine.native.mooncakeStart(resolveMooncake(o.mooncake, host));
@@ -498,6 +531,7 @@ export class TransferEngine {
     } catch (err) {
       engine.native.close();
       openOnExit.delete(engine.exitRef);
+      if (engine.ownsStore) await store.close().catch(() => {});
       throw err;
     }
     if (o.listen !== false) {
@@ -511,13 +545,22 @@ export class TransferEngine {
           secret: resolved.secret,
           onSessionEnd: (session) => engine.endSession(session),
         });
+        await store.publish(engine.segmentRecord());
+        engine.published = true;
       } catch (err) {
+        await engine.server?.close();
         engine.native.close();
         openOnExit.delete(engine.exitRef);
+        if (engine.ownsStore) await store.close().catch(() => {});
         throw err;
       }
     }
     return engine;
+  }
+
+  /** Where this engine publishes itself and resolves peers (see `EngineOptions.metadata`). */
+  get metadata(): MetadataStore {
+    return this.store;
   }
 
   /** "host:port" of the tcp data listener (undefined without one). */
@@ -572,6 +615,7 @@ export class TransferEngine {
     const length = expectInteger(bytes, 'bytes', 1);
     const opts = expectOptionalObject(options, 'options');
     const r = this.native.allocate(length, opts.prefault !== false);
+    this.republish();
     return this.track(new Region(this, r.id, length, 'host', r.buffer));
   }
 
@@ -594,24 +638,30 @@ export class TransferEngine {
       if (typeof memory.devicePtr !== 'bigint') badArgument('memory.devicePtr', 'a bigint', memory.devicePtr);
       const length = expectInteger(memory.length, 'memory.length', 1);
       const id = this.native.registerDevice(memory.devicePtr, length);
+      this.republish();
       return this.track(new Region(this, id, length, 'device', undefined, memory.devicePtr));
     }
     return badArgument('memory', 'a Buffer, TypedArray, ArrayBuffer or { devicePtr, length }', memory);
   }
 
   /**
-   * Connects to the engine listening at `address` ("host:port") and fetches its
-   * segment descriptor. A live connection to the same address with the same
-   * options is reused; a lost one is replaced.
+   * Connects to an engine, named by its control address ("host:port") or, with etcd
+   * metadata, by its name (resolved in etcd; ERR_UNKNOWN_PEER when no live engine has
+   * it, ERR_METADATA_UNAVAILABLE when etcd does not answer), and fetches its segment
+   * descriptor. A live connection to the same address with the same options is
+   * reused; a lost one is replaced.
    */
-  async connect(address: string, options?: ConnectOptions): Promise<Peer> {
+  async connect(target: string, options?: ConnectOptions): Promise<Peer> {
     this.assertOpen();
-    expectString(address, 'address');
+    expectString(target, 'target');
     const opts = expectOptionalObject(options, 'options') as ConnectOptions;
     const timeoutMs = opts.timeoutMs === undefined ? this.options.connectTimeoutMs : expectTimeout(opts.timeoutMs, 'options.timeoutMs');
     const link = opts.link === undefined ? this.options.link : resolveLink(opts.link, 'options.link');
     const transport = opts.transport === undefined ? this.options.transport : expectTransport(opts.transport, 'options.transport');
     const connections = opts.connections === undefined ? this.options.connections : expectInteger(opts.connections, 'options.connections', 1, 16);
+    const started = Date.now();
+    const record = isAddress(target) ? null : await this.resolvePeer(target, timeoutMs);
+    const address = record ? record.address : target;
     const key = `${address}|${transport}|${connections}|${JSON.stringify(link ?? null)}`;
     const existing = this.peers.get(key);
     if (existing && !existing.lost) return existing;
@@ -620,13 +670,16 @@ export class TransferEngine {
       this.peers.delete(key);
       this.native.dropPeer(existing.nativeId, 'ERR_PEER_LOST', true);
     }
-    const started = Date.now();
-    const { client, segment } = await ControlClient.connect(address, timeoutMs, { name: this.name }, this.options.secret);
+    const remaining = Math.max(1, timeoutMs - (Date.now() - started));
+    const { client, segment } = await ControlClient.connect(address, remaining, { name: this.name }, this.options.secret);
     const fail = (err: unknown): never => {
       client.close();
       throw err;
     };
     if (this.closed || this.closing) fail(new TransferError('engine is closed', 'ERR_CLOSED'));
+    if (record && (segment.name !== record.name || segment.pid !== record.pid || segment.bootId !== record.bootId)) {
+      fail(new TransferError(`the metadata record of '${record.name}' is stale: ${address} is now '${segment.name}' (pid ${segment.pid})`, 'ERR_UNKNOWN_PEER'));
+    }
     const sameHost = segment.bootId === this.bootId;
     const vendor = transport === 'mooncake' || transport === 'hccl';
     const useTcp = transport === 'tcp' || (transport === 'auto' && !sameHost);
@@ -691,7 +744,27 @@ export class TransferEngine {
       peer._markLost(err);
       if (!this.closed) this.native.dropPeer(id, 'ERR_PEER_LOST', false);
     });
+    if (this.store.kind !== 'embedded') {
+      // The control connection only notices a peer whose host answers; the metadata
+      // service also notices one that froze or vanished (its lease expires).
+      const watch = this.store.watch(record ?? recordFromSegment(segment, address), (err) => {
+        if (peer.lost) return;
+        peer._markLost(err);
+        peer.disconnect();
+      });
+      client.onClose(() => watch.cancel());
+    }
     return peer;
+  }
+
+  /** A peer's record by name; ERR_UNKNOWN_PEER when there is none. */
+  private async resolvePeer(name: string, timeoutMs: number): Promise<SegmentRecord> {
+    const record = await this.store.resolve(name, { timeoutMs });
+    if (record) return record;
+    const hint = this.store.resolvesNames
+      ? `no live engine named '${name}' is published in the metadata service`
+      : `no engine named '${name}' in this process: with embedded metadata, connect to a "host:port" address (or open engines with metadata: "etcd://…" to use names)`;
+    throw new TransferError(hint, 'ERR_UNKNOWN_PEER');
   }
 
   /**
@@ -740,6 +813,10 @@ export class TransferEngine {
         ]);
         clearTimeout(timer);
       }
+      // Leave the metadata first, so peers stop sending here at once (an owned etcd
+      // store revokes its lease: every record goes in one step).
+      if (this.ownsStore) await this.store.close().catch(() => {});
+      else if (this.published) await this.store.unpublish(this.name).catch(() => {});
       this.closed = true;
       this.native.close();
       openOnExit.delete(this.exitRef);
@@ -754,13 +831,55 @@ export class TransferEngine {
   _free(region: Region, failInFlight: boolean): Promise<void> {
     this.assertOpen();
     this.registry.unregister(region);
-    return this.native.free(region.id, failInFlight);
+    const freed = this.native.free(region.id, failInFlight);
+    this.republish();
+    return freed;
   }
 
   /** @internal */
   _updatePeer(peer: Peer, segment: SegmentDescriptor): void {
     this.assertOpen();
     this.native.updatePeer(peer.nativeId, segment.regions);
+  }
+
+  /** What this engine publishes in the metadata service (no grants, no shared-memory names). */
+  private segmentRecord(): SegmentRecord {
+    return {
+      name: this.name,
+      address: this.server!.address,
+      instance: this.instanceId,
+      hostname: os.hostname(),
+      bootId: this.bootId,
+      pid: process.pid,
+      transports: ['shm', ...(this.dataAddress ? ['tcp'] : []), ...(this.mooncakeSegment ? ['mooncake'] : []), ...(this.hccl ? ['hccl'] : [])],
+      ...(this.dataAddress ? { tcp: [this.dataAddress] } : {}),
+      regions: this.native.segment().map((r) => ({ id: r.id, length: r.length, kind: r.kind ?? 'host' })),
+      wireVersion: WIRE_VERSION,
+    };
+  }
+
+  /**
+   * Publishes the region list again after it changed (etcd only: the embedded
+   * store's record is the live handshake). Coalesced: one update in flight, then
+   * one more with whatever changed meanwhile. A failure is retried by the store
+   * when its lease is re-granted.
+   */
+  private republish(): void {
+    if (!this.published || this.store.kind === 'embedded' || this.closing) return;
+    if (this.republishing) {
+      this.republishAgain = true;
+      return;
+    }
+    this.republishing = (async () => {
+      do {
+        this.republishAgain = false;
+        await new Promise<void>((resolve) => setImmediate(resolve));
+        if (this.closing || this.closed) return;
+        await this.store.publish(this.segmentRecord()).catch(() => {});
+      } while (this.republishAgain);
+    })().finally(() => {
+      this.republishing = null;
+    });
   }
 
   private track(region: Region): Region {

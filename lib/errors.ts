@@ -26,6 +26,12 @@ export type ErrorCode =
   | 'ERR_AUTH'
   /** A checksum did not match: the bytes that landed are not the bytes that were sent. */
   | 'ERR_INTEGRITY'
+  /** The metadata service (etcd) could not be reached, or did not answer within the deadline. */
+  | 'ERR_METADATA_UNAVAILABLE'
+  /** Another live engine (or proxy) already published this name in the metadata service. */
+  | 'ERR_NAME_IN_USE'
+  /** This process's etcd lease expired or was revoked: what it published is gone until it is re-published. */
+  | 'ERR_LEASE_LOST'
   /** A store is full of entries it may not evict (pinned, being written), or an item exceeds its capacity. */
   | 'ERR_CAPACITY'
   /** A named resource (e.g. an encoder-cache store opened without a capacity) does not exist. */

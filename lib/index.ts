@@ -1,12 +1,12 @@
 /** epd-transfer: move KV-cache layers and encoder embeddings between E/P/D processes. */
 export { TransferEngine, Region, Peer, DescriptorBatch } from './engine.js';
-export type { EngineOptions, ConnectOptions, TransportChoice, TransferOptions, TransferResult, RemoteRegion, Descriptor, EngineCounters } from './engine.js';
+export type { EngineOptions, ConnectOptions, TransportChoice, MooncakeOptions, TransferOptions, TransferResult, RemoteRegion, Descriptor, EngineCounters } from './engine.js';
 export { Device, DeviceStream, DeviceEvent } from './device.js';
 export type { DeviceAllocation } from './device.js';
 export { TransferError, isTransferError } from './errors.js';
 export type { ErrorCode } from './errors.js';
-export { probe } from './probe.js';
-export type { ProbeResult } from './probe.js';
+export { probe, vendorBackends } from './probe.js';
+export type { ProbeResult, BackendStatus } from './probe.js';
 export { WIRE_VERSION } from './meta/wire.js';
 export { parseBytes, formatBytes } from './validate.js';
 export { linkSchedule, parseBandwidth, parseMicros } from './link.js';
@@ -64,7 +64,7 @@ export { PROFILES, REFERENCE_ACCELERATOR, getProfile, kvTensors, kvBytesPerToken
 export type { ModelProfile, GqaAttention, MlaAttention, FeedForward, VisionEncoder, ImageEmbedding } from './sim/profiles.js';
 export { SimWorker, simulationLabel, SharedStoreLocator } from './sim/index.js';
 export type { SimWorkerOptions, SimRole, WorkerStats as SimWorkerStats, SimRequestRecord } from './sim/index.js';
-export { EpdProxy, MemoryEmbeddingLocator, ProxyError, signBody as signProxyBody, SIGNATURE_HEADER as PROXY_SIGNATURE_HEADER } from './proxy/index.js';
+export { EpdProxy, MemoryEmbeddingLocator, ProxyError, ProxyCluster, signBody as signProxyBody, SIGNATURE_HEADER as PROXY_SIGNATURE_HEADER } from './proxy/index.js';
 export type {
   ProxyOptions,
   ProxyTimeouts,
@@ -78,5 +78,17 @@ export type {
   EncodedReport,
   MemoryEmbeddingLocatorOptions,
   EstimateOptions as ProxyEstimateOptions,
+  ClusterOptions as ProxyClusterOptions,
+  StalenessStats as ProxyStalenessStats,
 } from './proxy/index.js';
+export { EmbeddedMetadataStore, EtcdMetadataStore, openMetadataStore } from './meta/store.js';
+export type { MetadataStore, MetadataStoreOptions, MetadataState, MetadataStatus, SegmentRecord, SegmentWatch, ResolveOptions } from './meta/store.js';
+export { EtcdSession, parseEtcdUrl } from './meta/etcd.js';
+export type { EtcdOptions, EtcdSessionState, EtcdSessionStatus, EtcdEntry, EtcdWatch, WatchHandlers } from './meta/etcd.js';
+export { EtcdEncoderCacheIndex } from './meta/ec-index.js';
+export type { EncoderCacheIndex } from './meta/ec-index.js';
+export { registerInstance, watchInstances, listInstances, INSTANCE_ROLES } from './meta/registry.js';
+export type { InstanceRecord, InstanceRole, InstanceRegistration, RegisterOptions } from './meta/registry.js';
+export { startEtcdServer, findEtcdBinary } from './meta/etcd-server.js';
+export type { EtcdServer, EtcdServerOptions } from './meta/etcd-server.js';
 export * from './ec/index.js';

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "vendor/device_common.h"
+
 namespace epd {
 namespace {
 
@@ -146,7 +148,17 @@ Status Engine::UpdatePeer(uint32_t id, const std::vector<RemoteRegionSpec>& spec
       continue;
     }
     RemoteRegion rr;
-    Status st = peer.transport->Attach(spec, &rr);
+    const char* vendor_kind = vendor::IpcKeyDeviceKind(spec.ipc_key);
+    Status st;
+    if (spec.shm.empty() && vendor_kind != nullptr && !peer.device_memory) {
+      // NPU/GPU memory, which a host-memory transport (shm, tcp) cannot copy: the
+      // peer's other regions stay usable; descriptors naming this one fail.
+      rr.id = spec.id;
+      rr.length = spec.length;
+      rr.unreachable = std::string("it is ") + vendor_kind + " device memory (use the mooncake or hccl transport)";
+    } else {
+      st = peer.transport->Attach(spec, &rr);
+    }
     if (!st.ok()) {
       for (auto& [rid, r] : next) {
         if (peer.regions.count(rid) == 0) peer.transport->Detach(&r);
@@ -240,6 +252,11 @@ Status Engine::Resolve(Op op, Peer* peer, const double* desc, size_t count, Batc
                                               "' has no region " + std::to_string(remote_id));
     }
     const RemoteRegion& remote = rit->second;
+    if (!remote.unreachable.empty()) {
+      return Status(Code::kNotShareable, DescriptorField(i, "remoteRegion ") + std::to_string(remote_id) + " of peer '" +
+                                             peer->name + "' cannot be reached over " + peer->transport->name() + ": " +
+                                             remote.unreachable);
+    }
     if (remote_off > remote.length || length > remote.length - remote_off) {
       return Status(Code::kOutOfRange, DescriptorField(i, "remote range [") + std::to_string(remote_off) + ", +" +
                                            std::to_string(length) + ") exceeds peer region " +

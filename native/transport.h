@@ -30,6 +30,9 @@ struct RemoteRegion {
   uint8_t* ptr = nullptr;
   std::shared_ptr<ShmMapping> mapping;
   DevicePtr imported = 0;  // device IPC import to close on detach
+  // Set when the transport cannot reach this region (device memory of a kind it cannot
+  // copy): the peer stays usable, descriptors naming the region fail with this reason.
+  std::string unreachable;
 };
 
 class Transport;

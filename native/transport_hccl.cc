@@ -34,6 +34,9 @@ namespace hc = vendor::hccl;
 constexpr int64_t kTeardownWaitMs = 5'000;
 
 struct Link {
+  // Held while operations are posted on the link and while it is torn down, so a
+  // teardown never destroys the communicator under a post. Taken before mu_.
+  std::mutex op_mu;
   uint64_t id = 0;
   hc::HcclComm comm = nullptr;
   uint32_t rank = 0;
@@ -286,6 +289,13 @@ class HcclTransportImpl final : public HcclTransport {
   }
 
   void Post(const std::shared_ptr<Link>& link, const std::shared_ptr<Batch>& batch) {
+    std::unique_lock<std::mutex> op(link->op_mu);
+    if (link->comm == nullptr) {
+      op.unlock();
+      std::lock_guard<std::mutex> lock(mu_);
+      Finish(batch, Status(Code::kPeerLost, (link->why.empty() ? "the HCCL link is closed" : link->why) + "; connect again"));
+      return;
+    }
     Status st = acl::BindThread(device_);
     const bool send = batch->op == Op::kWrite;
     const uint32_t other = 1 - link->rank;
@@ -317,9 +327,10 @@ class HcclTransportImpl final : public HcclTransport {
       if (rc != acl::kSuccess) st = acl::Error(acl_, rc, "recording the batch's completion event");
     }
     if (!st.ok()) {
+      if (event != nullptr) acl_.aclrtDestroyEvent(event);
       std::lock_guard<std::mutex> lock(mu_);
       // Operations posted before the failure would pair with the wrong ones later.
-      if (posted > 0 || event != nullptr) Break(link.get(), "an HCCL post failed midway: " + st.message());
+      if (posted > 0) Break(link.get(), "an HCCL post failed midway: " + st.message());
       Finish(batch, st);
       return;
     }
@@ -423,6 +434,7 @@ class HcclTransportImpl final : public HcclTransport {
     hc::HcclComm comm;
     acl::aclrtStream stream;
     {
+      std::lock_guard<std::mutex> op(link->op_mu);  // waits for a post in progress
       std::lock_guard<std::mutex> lock(mu_);
       comm = link->comm;
       stream = link->stream;

@@ -3,11 +3,12 @@
 // TCP. Our batch maps onto one Mooncake batch: one transfer request per piece, the
 // target named by the peer's segment and the remote region's absolute address.
 //
-// Mooncake has no blocking wait and no cancel. A poller thread (never the JS thread)
-// polls getTransferStatus with a short backoff and reports each batch once: when every
-// task completed, when one failed, or when the engine asked it to stop (deadline,
-// abort, peer lost). A batch reported early stays on the poller's list until Mooncake
-// lets go of it, and only then is its batch id freed.
+// Mooncake has no blocking wait and no cancel. One thread (never the JS thread: a
+// first transfer to a segment may have to connect) submits batches and polls
+// getTransferStatus with a short backoff, and reports each batch once: when every task
+// completed, when one failed, or when the engine asked it to stop (deadline, abort,
+// peer lost). A batch reported early stays on the poller's list until Mooncake lets go
+// of it, and only then is its batch id freed.
 //
 // Memory: every local region is registered with the Mooncake engine when it is
 // created (so peers can reach it) and unregistered before its memory is released.
@@ -138,11 +139,16 @@ class MooncakeTransportImpl final : public MooncakeTransport {
   void Stop(const std::shared_ptr<Batch>& batch, Code code) override { wake_.notify_all(); }
 
   void Run(std::shared_ptr<Batch> batch) override {
-    Status st = Submit(batch);
-    if (!st.ok()) {
-      batch->Fail(st);
-      done_(std::move(batch));
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!stopping_) {
+        pending_.push_back(std::move(batch));
+        wake_.notify_all();
+        return;
+      }
     }
+    batch->Fail(Status(Code::kClosed, "engine is closed"));
+    done_(std::move(batch));
   }
 
   void Shutdown() override {
@@ -159,6 +165,8 @@ class MooncakeTransportImpl final : public MooncakeTransport {
       for (Active& a : active_) {
         if (!a.reported) unreported.push_back(a.batch);
       }
+      for (auto& b : pending_) unreported.push_back(b);
+      pending_.clear();
       active_.clear();
       // Stops every transfer and joins Mooncake's threads; nothing touches our memory after.
       if (engine_ != nullptr) api_.destroyTransferEngine(engine_);
@@ -209,33 +217,37 @@ class MooncakeTransportImpl final : public MooncakeTransport {
     return false;
   }
 
+  // Poller thread, without mu_ held: Mooncake calls here may block (connecting).
   Status Submit(const std::shared_ptr<Batch>& batch) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (engine_ == nullptr || stopping_) return Status(Code::kClosed, "engine is closed");
-    auto seg = segments_.find(batch->peer.get());
-    if (seg == segments_.end()) return Status(Code::kPeerLost, "peer '" + batch->peer->name + "' is not connected");
+    mc::segment_id_t target;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (engine_ == nullptr || stopping_) return Status(Code::kClosed, "engine is closed");
+      auto seg = segments_.find(batch->peer.get());
+      if (seg == segments_.end()) return Status(Code::kPeerLost, "peer '" + batch->peer->name + "' is not connected");
+      target = seg->second;
+    }
+    if (batch->StopCode() != Code::kOk) return Status();  // stopped before it started: the engine says why
     const size_t n = batch->pieces.size();
     std::vector<mc::TransferRequest> requests(n);
     for (size_t i = 0; i < n; ++i) {
       const Piece& p = batch->pieces[i];
-      requests[i] = mc::TransferRequest{batch->op == Op::kWrite ? mc::kOpcodeWrite : mc::kOpcodeRead, p.local,
-                                        seg->second, static_cast<uint64_t>(reinterpret_cast<uintptr_t>(p.remote)),
+      requests[i] = mc::TransferRequest{batch->op == Op::kWrite ? mc::kOpcodeWrite : mc::kOpcodeRead, p.local, target,
+                                        static_cast<uint64_t>(reinterpret_cast<uintptr_t>(p.remote)),
                                         static_cast<uint64_t>(p.length)};
     }
     mc::batch_id_t id = api_.allocateBatchID(engine_, n);
     if (id == mc::kInvalidBatch) return Status(Code::kSystem, "Mooncake allocateBatchID(" + std::to_string(n) + ") failed", EIO);
     int rc = api_.submitTransfer(engine_, id, requests.data(), n);
+    std::lock_guard<std::mutex> lock(mu_);
     if (rc != 0) {
       if (api_.freeBatchID(engine_, id) == kErrBatchBusy) {
-        // Some requests started after all: track them to the end, report now.
-        Active a{batch, id, std::vector<int>(n, mc::kWaiting), n, true, Status()};
-        active_.push_back(std::move(a));
-        wake_.notify_all();
+        // Some requests started after all: track them to the end; the batch is reported now.
+        active_.push_back(Active{batch, id, std::vector<int>(n, mc::kWaiting), n, true, Status()});
       }
       return mc::Error(rc, "submitTransfer(" + std::to_string(n) + " requests to " + batch->peer->vendor.mooncake_segment + ")");
     }
     active_.push_back(Active{batch, id, std::vector<int>(n, mc::kWaiting), n, false, Status()});
-    wake_.notify_all();
     return Status::Ok();
   }
 
@@ -288,8 +300,30 @@ class MooncakeTransportImpl final : public MooncakeTransport {
     auto pause = std::chrono::microseconds(20);
     std::unique_lock<std::mutex> lock(mu_);
     while (!stopping_) {
+      if (!pending_.empty()) {
+        std::vector<std::shared_ptr<Batch>> submit;
+        submit.swap(pending_);
+        lock.unlock();
+        for (auto& b : submit) {
+          Status st = Submit(b);
+          if (!st.ok() || b->StopCode() != Code::kOk) {
+            // Failed (or stopped) before Mooncake took it: report it now, unless
+            // Submit handed it to the poller as a straggler already reported.
+            if (!st.ok()) b->Fail(st);
+            bool tracked = false;
+            {
+              std::lock_guard<std::mutex> l(mu_);
+              for (const Active& a : active_) tracked = tracked || (a.batch == b && !a.reported);
+            }
+            if (!tracked) done_(b);
+          }
+        }
+        lock.lock();
+        pause = std::chrono::microseconds(20);
+        continue;
+      }
       if (active_.empty()) {
-        wake_.wait(lock, [this] { return stopping_ || !active_.empty(); });
+        wake_.wait(lock, [this] { return stopping_ || !active_.empty() || !pending_.empty(); });
         pause = std::chrono::microseconds(20);
         continue;
       }
@@ -317,6 +351,7 @@ class MooncakeTransportImpl final : public MooncakeTransport {
   std::condition_variable idle_;  // UnregisterRegion: a straggler finished
   std::unordered_map<Peer*, mc::segment_id_t> segments_;
   std::unordered_map<uint32_t, std::pair<uintptr_t, size_t>> registered_;
+  std::vector<std::shared_ptr<Batch>> pending_;  // waiting to be submitted by the poller
   std::vector<Active> active_;
   bool stopping_ = false;
   std::thread poller_;
@@ -340,9 +375,10 @@ Status CreateMooncakeTransport(const MooncakeOptions& options, Device* device, B
                                                  options.hostname + ") failed (see Mooncake's log)");
   }
   if (!discover) {
-    void* args[2] = {nullptr, nullptr};
-    if (!options.nic_priority_matrix.empty()) args[0] = const_cast<char*>(options.nic_priority_matrix.c_str());
-    if (api.installTransport(engine, options.protocol.c_str(), args) == nullptr) {
+    // rdma (and barex) take { priority matrix JSON, NULL }; other protocols take NULL.
+    void* args[2] = {const_cast<char*>(options.nic_priority_matrix.c_str()), nullptr};
+    void** argp = options.nic_priority_matrix.empty() ? nullptr : args;
+    if (api.installTransport(engine, options.protocol.c_str(), argp) == nullptr) {
       api.destroyTransferEngine(engine);
       return Status(Code::kBackendUnavailable, "Mooncake installTransport(" + options.protocol + ") failed");
     }

@@ -122,6 +122,7 @@ const KNOWN_CODES: Readonly<Record<ErrorCode, true>> = {
   ERR_ABORTED: true, ERR_TIMEOUT: true, ERR_PEER_LOST: true, ERR_REGION_FREED: true, ERR_NOT_SHAREABLE: true,
   ERR_BACKEND_UNAVAILABLE: true, ERR_PROTOCOL_VERSION: true, ERR_PROTOCOL: true, ERR_CONNECT: true, ERR_NO_HANDLER: true,
   ERR_REMOTE: true, ERR_AUTH: true, ERR_INTEGRITY: true, ERR_CAPACITY: true, ERR_NOT_FOUND: true, ERR_SYSTEM: true,
+  ERR_METADATA_UNAVAILABLE: true, ERR_NAME_IN_USE: true, ERR_LEASE_LOST: true,
 };
 
 /** A code received from a peer, kept if known, else ERR_REMOTE. */

@@ -477,6 +477,8 @@ const REMOTE_CODES = new Set([
   'ERR_BAD_ARGUMENT', 'ERR_OUT_OF_RANGE', 'ERR_UNKNOWN_REGION', 'ERR_CLOSED', 'ERR_ABORTED', 'ERR_TIMEOUT',
   'ERR_PEER_LOST', 'ERR_NOT_SHAREABLE', 'ERR_BACKEND_UNAVAILABLE', 'ERR_NO_HANDLER', 'ERR_REMOTE',
   'ERR_REGION_FREED', 'ERR_UNKNOWN_PEER', 'ERR_INTEGRITY', 'ERR_CAPACITY', 'ERR_NOT_FOUND', 'ERR_AUTH',
+  // A handler backed by etcd (e.g. a served encoder-cache directory) reports these as they are.
+  'ERR_METADATA_UNAVAILABLE', 'ERR_NAME_IN_USE', 'ERR_LEASE_LOST',
 ]);
 
 /** Splits "host:port" or "[v6]:port". */

@@ -29,6 +29,12 @@ export const PROXY_USAGE = `  proxy [options]                EPD load-balancing 
       --idle-timeout <t>         longest silence inside a D/PD response (300s)
       --health-interval <t>      time between health checks (2s)
       --health-timeout <t>       deadline of one health check (1s)
+      --metadata <etcd://h:p>    cluster mode: discover instances registered in etcd, share load
+                                 and the metaserver with every proxy on it (or EPD_TRANSFER_METADATA)
+      --proxy-id <id>            this proxy's id in the cluster (<hostname>-<pid>-<random>)
+      --model <name>             cluster mode: use only instances registered with this model
+      --load-sync <t>            cluster mode: longest wait before load changes are shared (50ms)
+      --lease-ttl <s>            cluster mode: etcd lease TTL in seconds (10)
   proxy instances list|add|remove --proxy <url> [--role <role>] [url...]
                                  admin client: list, add, or remove (draining) instances
 `;
@@ -92,14 +98,23 @@ export async function runProxyCommand(args: string[]): Promise<number> {
       'idle-timeout': { type: 'string', default: '300s' },
       'health-interval': { type: 'string', default: '2s' },
       'health-timeout': { type: 'string', default: '1s' },
+      metadata: { type: 'string' },
+      'proxy-id': { type: 'string' },
+      model: { type: 'string' },
+      'load-sync': { type: 'string', default: '50ms' },
+      'lease-ttl': { type: 'string', default: '10' },
     },
   });
+  const metadata = values.metadata ?? (process.env.EPD_TRANSFER_METADATA?.startsWith('etcd://') ? process.env.EPD_TRANSFER_METADATA : undefined);
+  if (metadata !== undefined && !metadata.startsWith('etcd://')) {
+    throw new TransferError(`Expected an etcd URL like etcd://127.0.0.1:2379 for --metadata but received ${JSON.stringify(metadata)}`, 'ERR_BAD_ARGUMENT');
+  }
   const instances = { encode: urls(values.encode), prefill: urls(values.prefill), decode: urls(values.decode), pd: urls(values.pd) };
   if (instances.prefill.length > 0 !== instances.decode.length > 0) {
     throw new TransferError('--prefill and --decode go together (decode-first needs both)', 'ERR_BAD_ARGUMENT');
   }
-  if (instances.pd.length === 0 && instances.decode.length === 0) {
-    throw new TransferError('give --prefill and --decode, or --pd: nothing could serve a request', 'ERR_BAD_ARGUMENT');
+  if (instances.pd.length === 0 && instances.decode.length === 0 && metadata === undefined) {
+    throw new TransferError('give --prefill and --decode, or --pd (or --metadata to discover instances from etcd): nothing could serve a request', 'ERR_BAD_ARGUMENT');
   }
   const secret = readSecret(values['secret-file']);
   const proxy = await EpdProxy.start({
@@ -120,8 +135,20 @@ export async function runProxyCommand(args: string[]): Promise<number> {
       intervalMs: parseDuration(values['health-interval'], '--health-interval'),
       timeoutMs: parseDuration(values['health-timeout'], '--health-timeout'),
     },
+    ...(metadata
+      ? {
+          cluster: {
+            metadata,
+            id: values['proxy-id'],
+            model: values.model,
+            loadSyncMs: parseDuration(values['load-sync'], '--load-sync'),
+            ttlSeconds: expectInteger(Number(values['lease-ttl']), '--lease-ttl', 2, 3600),
+          },
+        }
+      : {}),
     log,
   });
+  if (proxy.cluster) log(`cluster member '${proxy.cluster.id}' on ${metadata}`, { proxies: proxy.cluster.peers().size + 1 });
   log(`listening on ${proxy.url} (metaserver ${proxy.metaserverUrl})`, { secret: secret ? 'set' : 'none' });
   if (!secret && values.host !== '127.0.0.1' && values.host !== '::1' && values.host !== 'localhost') {
     log('warning: no shared secret while listening beyond loopback: anyone who reaches the port can change instances and call /v1/metaserver');

@@ -12,3 +12,5 @@ export { ProxyError } from './errors.js';
 export type { RetryClass } from './errors.js';
 export { DEFAULT_ESTIMATES, imageSize, textTokens } from './estimate.js';
 export type { EstimateOptions, ImageSize } from './estimate.js';
+export { ProxyCluster, FORWARDED_HEADER } from './cluster.js';
+export type { ClusterOptions, ProxyRecord, StalenessStats } from './cluster.js';

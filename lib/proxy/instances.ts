@@ -27,6 +27,10 @@ export interface InstanceInfo {
   state: InstanceState;
   activeTokens: number;
   activeRequests: number;
+  /** Tokens other proxies have in flight on it, as last shared through etcd (cluster mode only). */
+  sharedTokens?: number;
+  /** Requests other proxies have in flight on it (cluster mode only). */
+  sharedRequests?: number;
   lastError?: string;
 }
 
@@ -52,6 +56,9 @@ export class Instance implements HeapSlot {
   state: InstanceState = 'probing';
   activeTokens = 0;
   activeRequests = 0;
+  /** Load other proxies reported through the metadata service (cluster mode); approximate, see docs/PROXY.md. */
+  sharedTokens = 0;
+  sharedRequests = 0;
   /** Pick order: among equal loads the instance picked longest ago goes first. */
   lastPicked = 0;
   consecutiveFailures = 0;
@@ -83,6 +90,7 @@ export class Instance implements HeapSlot {
       state: this.state,
       activeTokens: this.activeTokens,
       activeRequests: this.activeRequests,
+      ...(this.sharedTokens !== 0 || this.sharedRequests !== 0 ? { sharedTokens: this.sharedTokens, sharedRequests: this.sharedRequests } : {}),
       ...(this.lastError === undefined ? {} : { lastError: this.lastError }),
     };
   }
@@ -105,10 +113,14 @@ export class Lease {
   }
 }
 
-/** Ordering of the least-loaded queue. */
+/** Ordering of the least-loaded queue: this proxy's load plus what other proxies shared. */
 function lessLoaded(a: Instance, b: Instance): boolean {
-  if (a.activeTokens !== b.activeTokens) return a.activeTokens < b.activeTokens;
-  if (a.activeRequests !== b.activeRequests) return a.activeRequests < b.activeRequests;
+  const at = a.activeTokens + a.sharedTokens;
+  const bt = b.activeTokens + b.sharedTokens;
+  if (at !== bt) return at < bt;
+  const ar = a.activeRequests + a.sharedRequests;
+  const br = b.activeRequests + b.sharedRequests;
+  if (ar !== br) return ar < br;
   return a.lastPicked < b.lastPicked;
 }
 
@@ -130,6 +142,8 @@ export class InstancePool {
     readonly role: Role,
     /** Called when an instance leaves the pool for good (drained). */
     private readonly onGone: (instance: Instance) => void = () => {},
+    /** Called after this proxy's load on an instance changed (a lease taken or released). */
+    private readonly onLoad: (instance: Instance) => void = () => {},
   ) {}
 
   /** Adds an instance in state `probing`, or revives a draining one. Returns it and whether it is new. */
@@ -184,6 +198,7 @@ export class InstancePool {
     instance.activeTokens += tokens;
     instance.activeRequests += 1;
     this.routable.update(instance);
+    this.onLoad(instance);
     return new Lease(this, instance, tokens);
   }
 
@@ -193,7 +208,15 @@ export class InstancePool {
     instance.activeTokens -= lease.tokens;
     instance.activeRequests -= 1;
     this.routable.update(instance);
+    this.onLoad(instance);
     this.forgetIfDrained(instance);
+  }
+
+  /** Sets the load other proxies hold on `instance` (cluster mode) and restores the queue order. */
+  setShared(instance: Instance, tokens: number, requests: number): void {
+    instance.sharedTokens = tokens;
+    instance.sharedRequests = requests;
+    this.routable.update(instance);
   }
 
   /** Every instance, draining ones included. */

@@ -17,6 +17,7 @@ import type { AddressInfo } from 'node:net';
 import { performance } from 'node:perf_hooks';
 import { TransferError } from '../errors.js';
 import { checkSecret } from './auth.js';
+import { FORWARDED_HEADER, ProxyCluster, type ClusterOptions } from './cluster.js';
 import { ProxyError, asProxyError, badRequest, clientGone } from './errors.js';
 import { DEFAULT_ESTIMATES, type EstimateOptions } from './estimate.js';
 import { choosePath, decodeFirst, encodeItems, forwardPd, now, type FlowContext, type ProxyTimeouts, type RequestTrace } from './flow.js';
@@ -64,6 +65,12 @@ export interface ProxyOptions {
   log?: (message: string, fields?: Record<string, unknown>) => void;
   /** On close, how long in-flight requests may finish before they are cut (ms). Default 5000. */
   closeGraceMs?: number;
+  /**
+   * Cluster mode: share instances, load and the metaserver rendezvous with every
+   * other proxy started on the same etcd (see lib/proxy/cluster.ts, docs/PROXY.md).
+   * Instances registered in etcd are added and removed as they come and go.
+   */
+  cluster?: ClusterOptions;
 }
 
 /** Deadlines used unless `ProxyOptions.timeouts` overrides them (docs/PROXY.md, "Deadlines"). */
@@ -104,9 +111,12 @@ export class EpdProxy {
   private readonly metricsSink: ProxyMetrics;
   private closing: Promise<void> | undefined;
   private baseUrl = '';
+  private clusterMember: ProxyCluster | undefined;
 
   private constructor(private readonly options: ProxyOptions) {
-    for (const role of ROLES) this.pools.set(role, new InstancePool(role, (i) => this.forgotten(i.role, i.url)));
+    for (const role of ROLES) {
+      this.pools.set(role, new InstancePool(role, (i) => this.forgotten(i.role, i.url), (i) => this.clusterMember?.loadChanged(i)));
+    }
     const timeouts = { ...DEFAULT_TIMEOUTS, ...options.timeouts };
     const upstream = new Upstream({ connectTimeoutMs: timeouts.connectMs, maxResponseBytes: options.maxResponseBytes ?? 64 << 20 });
     this.metricsSink = new ProxyMetrics(this.pools);
@@ -152,8 +162,31 @@ export class EpdProxy {
     }
     const { port } = proxy.server.address() as AddressInfo;
     proxy.baseUrl = `http://${host.includes(':') ? `[${host}]` : host}:${port}`;
-    proxy.ctx.metaserverUrl = `${(options.advertiseUrl ?? proxy.baseUrl).replace(/\/+$/, '')}/v1/metaserver`;
+    const advertised = (options.advertiseUrl ?? proxy.baseUrl).replace(/\/+$/, '');
+    proxy.ctx.metaserverUrl = `${advertised}/v1/metaserver`;
     await proxy.health.start();
+    if (options.cluster) {
+      try {
+        proxy.clusterMember = await ProxyCluster.join(
+          {
+            pools: proxy.pools,
+            url: advertised,
+            secret: options.secret,
+            metrics: proxy.metricsSink,
+            forwardTimeoutMs: proxy.ctx.timeouts.prefillMs + proxy.ctx.timeouts.connectMs,
+            addInstance: (role, url) => proxy.addInstance(role, url),
+            removeInstance: (url, role) => proxy.removeInstance(url, role),
+            log: (message, fields) => proxy.log(message, fields),
+          },
+          options.cluster,
+        );
+      } catch (err) {
+        await proxy.close();
+        throw err;
+      }
+      // D may call any proxy (e.g. through a load balancer): the URL names the one that holds the request.
+      proxy.ctx.metaserverUrl += `?owner=${encodeURIComponent(proxy.clusterMember.id)}`;
+    }
     return proxy;
   }
 
@@ -165,6 +198,11 @@ export class EpdProxy {
   /** The URL decode instances call back. */
   get metaserverUrl(): string {
     return this.ctx.metaserverUrl;
+  }
+
+  /** Cluster membership (with `cluster` options), else undefined. */
+  get cluster(): ProxyCluster | undefined {
+    return this.clusterMember;
   }
 
   /** Prometheus registry (GET /metrics serves it). */
@@ -232,6 +270,8 @@ export class EpdProxy {
       }
       this.server.closeAllConnections();
       await closed;
+      // Leave the cluster last: other proxies forward metaserver calls for our requests until they ended.
+      await this.clusterMember?.close();
       await this.ctx.upstream.close();
     })();
     return this.closing;
@@ -325,7 +365,18 @@ export class EpdProxy {
       const requestId = (params as Record<string, unknown>).request_id;
       if (typeof requestId !== 'string' || requestId.length === 0) throw badRequest("the metaserver body needs a string 'request_id'");
       res.setHeader('x-request-id', requestId);
-      const result = await this.ctx.rendezvous.arrive(requestId, params as Record<string, unknown>);
+      let result;
+      try {
+        result = await this.ctx.rendezvous.arrive(requestId, params as Record<string, unknown>);
+      } catch (e) {
+        // Not ours: in a cluster the request may be held by another proxy (D reached us through a load balancer).
+        const forwarded = await this.forwardMetaserver(e, req, raw, requestId, scope.signal);
+        if (!forwarded) throw e;
+        this.metricsSink.metaserver.inc({ outcome: `forwarded_${forwarded.status}` });
+        res.writeHead(forwarded.status, { 'content-type': 'application/json', 'content-length': forwarded.body.length });
+        res.end(forwarded.body);
+        return;
+      }
       this.metricsSink.metaserver.inc({ outcome: 'ok' });
       sendJson(res, 200, { status: 'ok', request_id: requestId, prefill: result.prefill });
     } catch (e) {
@@ -337,6 +388,13 @@ export class EpdProxy {
     } finally {
       this.active.delete(scope);
     }
+  }
+
+  /** Offers a metaserver call that is not ours to the owning proxy (cluster mode, never a call that was itself forwarded). */
+  private async forwardMetaserver(err: unknown, req: IncomingMessage, raw: Buffer, requestId: string, signal: AbortSignal) {
+    if (!this.clusterMember || asProxyError(err).status !== 404 || req.headers[FORWARDED_HEADER] !== undefined) return undefined;
+    const owner = new URL(req.url ?? '/', 'http://proxy').searchParams.get('owner') ?? undefined;
+    return this.clusterMember.forwardMetaserver(raw, owner, requestId, signal);
   }
 
   /** Throws 401 unless the request proves the shared secret (when one is set). */

@@ -92,6 +92,13 @@ inline bool ParseIpcKey(const std::string& key, const char* tag, ParsedIpcKey* o
          out->bytes <= out->capacity - out->offset;
 }
 
+// The device kind an IPC key belongs to ("acl", "cuda"), or null for a host key.
+inline const char* IpcKeyDeviceKind(const std::string& key) {
+  if (key.compare(0, 5, "acl1:") == 0) return "acl";
+  if (key.compare(0, 6, "cuda1:") == 0) return "cuda";
+  return nullptr;
+}
+
 inline std::string HexAddress(DevicePtr p) {
   char buf[24];
   std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(p));

@@ -143,7 +143,8 @@ describe('connect', () => {
   const cases: Array<[string, unknown, unknown, ErrorCode]> = [
     ['address not a string', 1234, undefined, 'ERR_BAD_ARGUMENT'],
     ['empty address', '', undefined, 'ERR_BAD_ARGUMENT'],
-    ['address without a port', 'localhost', undefined, 'ERR_BAD_ARGUMENT'],
+    // Without a port a target is an engine name: embedded metadata knows only this process's engines.
+    ['a name no engine has', 'localhost', undefined, 'ERR_UNKNOWN_PEER'],
     ['port 0', '127.0.0.1:0', undefined, 'ERR_BAD_ARGUMENT'],
     ['port out of range', '127.0.0.1:99999', undefined, 'ERR_BAD_ARGUMENT'],
     ['options not an object', '127.0.0.1:1', 'x', 'ERR_BAD_ARGUMENT'],

@@ -223,6 +223,15 @@ FAKE_EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size
 }
 #endif
 
+/* For bench/device/dtod_peak, which the fake also runs (a smoke test of the GPU check). */
+FAKE_EXPORT CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t n) {
+  ENTRY(cuMemsetD8_v2);
+  REQUIRE_CTX("cuMemsetD8_v2");
+  if (!fake_memory_find(&memory, (uintptr_t)dst, n, NULL)) return fail(CUDA_ERROR_INVALID_VALUE, "cuMemsetD8_v2", "not device memory");
+  memset((void*)(uintptr_t)dst, value, n);
+  return CUDA_SUCCESS;
+}
+
 /* ---- streams and events ------------------------------------------------------------------ */
 
 FAKE_EXPORT CUresult cuStreamCreate(void** stream, unsigned flags) {
@@ -240,6 +249,13 @@ FAKE_EXPORT CUresult cuStreamDestroy_v2(void* stream) {
   REQUIRE_CTX("cuStreamDestroy_v2");
   /* CUDA releases a busy stream once it is idle; a hung fake stream is abandoned. */
   fake_stream_destroy((struct fake_stream*)stream, 1);
+  return CUDA_SUCCESS;
+}
+
+FAKE_EXPORT CUresult cuStreamSynchronize(void* stream) {
+  ENTRY(cuStreamSynchronize);
+  REQUIRE_CTX("cuStreamSynchronize");
+  fake_stream_sync((struct fake_stream*)stream, -1);
   return CUDA_SUCCESS;
 }
 

@@ -56,7 +56,7 @@ test("a handler's TransferError code reaches the caller", async () => {
   off();
 });
 
-test.each(['ERR_CAPACITY', 'ERR_NOT_FOUND', 'ERR_INTEGRITY', 'ERR_REGION_FREED'] as const)(
+test.each(['ERR_CAPACITY', 'ERR_NOT_FOUND', 'ERR_INTEGRITY', 'ERR_REGION_FREED', 'ERR_METADATA_UNAVAILABLE', 'ERR_NAME_IN_USE', 'ERR_LEASE_LOST'] as const)(
   'a handler failing with %s keeps that code across the wire',
   async (code) => {
     const off = server.handle('coded', () => {

@@ -128,12 +128,17 @@ describe('peer faults', () => {
 });
 
 /** A fake engine: a control port that describes a data port the test controls. */
-async function fakeEngine(onData: (socket: net.Socket, reader: ByteReader) => void, replyVersion = WIRE_VERSION): Promise<{ address: string; close(): Promise<void> }> {
+async function fakeEngine(
+  onData: (socket: net.Socket, reader: ByteReader) => void,
+  replyVersion = WIRE_VERSION,
+  options: { dataAddress?: string; silent?: boolean } = {},
+): Promise<{ address: string; close(): Promise<void> }> {
   const grant = randomBytes(16);
   const key = dataKey(undefined, grant);
   const sockets = new Set<net.Socket>();
   const data = net.createServer((socket) => {
     sockets.add(socket);
+    if (options.silent) return; // accepts, then never says a word
     const reader = new ByteReader(socket);
     const nonce = randomBytes(32);
     socket.write(Buffer.concat([helloHeader(1, 32), nonce]));
@@ -156,7 +161,7 @@ async function fakeEngine(onData: (socket: net.Socket, reader: ByteReader) => vo
       socket.write(
         encodeFrame(
           MessageType.Segment,
-          { name: 'fake', pid: 0, bootId: 'another-host', hostname: 'fake', transports: ['tcp'], regions: [{ id: 1, length: 64 * MiB, kind: 'host' }], tcp: { addresses: [`127.0.0.1:${port}`], grant: grant.toString('hex') } },
+          { name: 'fake', pid: 0, bootId: 'another-host', hostname: 'fake', transports: ['tcp'], regions: [{ id: 1, length: 64 * MiB, kind: 'host' }], tcp: { addresses: [options.dataAddress ?? `127.0.0.1:${port}`], grant: grant.toString('hex') } },
           replyVersion,
         ),
       );
@@ -220,6 +225,25 @@ describe('a broken or hostile target', () => {
     } finally {
       await fake.close();
     }
+  });
+
+  it('a data port nobody listens on fails connect() with ERR_CONNECT; one that never answers, with ERR_TIMEOUT', async () => {
+    const base = baseline();
+    const closed = await new Promise<number>((resolve) => {
+      const probe = net.createServer().listen(0, '127.0.0.1', () => {
+        const port = (probe.address() as net.AddressInfo).port;
+        probe.close(() => resolve(port));
+      });
+    });
+    const refused = await fakeEngine(() => {}, WIRE_VERSION, { dataAddress: `127.0.0.1:${closed}` });
+    const silent = await fakeEngine(() => {}, WIRE_VERSION, { silent: true });
+    try {
+      expect((await failure(engine.connect(refused.address))).code).toBe('ERR_CONNECT');
+      expect((await failure(engine.connect(silent.address, { timeoutMs: 300 }))).code).toBe('ERR_TIMEOUT');
+    } finally {
+      await Promise.all([refused.close(), silent.close()]);
+    }
+    await base.settled('failed dials');
   });
 
   it('a control port that speaks another wire version: ERR_PROTOCOL_VERSION', async () => {

@@ -2,8 +2,9 @@
 // ACL fake (full and minimal: no optional symbols), and `cuda` on the CUDA-driver fake.
 // Every backend is held to the same behaviour: memory, FIFO streams, events and
 // cross-stream waits, deadlines, cross-process IPC. The fakes run the vendor code
-// paths on this machine; they check call sequences and error handling, not hardware
-// (bench/device/run-cuda.sh runs this suite on a real GPU).
+// paths on this machine; they check call sequences and error handling, not hardware.
+// With EPD_TEST_REAL_CUDA=1 the suite also runs on the host's real GPU through its
+// own libcuda.so.1 (bench/device/run-cuda.sh does that).
 import { fork, type ChildProcess } from 'node:child_process';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -14,6 +15,8 @@ import { buildFakes, FakeControl, reclaimFakeShm, type FakeLibraries } from './f
 
 interface Backend {
   name: string;
+  /** A real device: work is held back by queueing long copies, not by a fake's switch. */
+  real?: boolean;
   device: 'host' | 'acl' | 'cuda';
   /** Vendor library overrides for this process and its children. */
   env(f: FakeLibraries): Record<string, string>;
@@ -37,6 +40,11 @@ const BACKENDS: Backend[] = [
   },
   { name: 'cuda (fake)', device: 'cuda', env: (f) => ({ EPD_TRANSFER_CUDA_LIB: f.cuda }), lib: 'cuda', ipc: true, whitelist: false },
 ];
+if (process.env.EPD_TEST_REAL_CUDA === '1') {
+  // The driver the loader finds by default (or EPD_TRANSFER_CUDA_LIB, as set for the run).
+  const lib = process.env.EPD_TRANSFER_CUDA_LIB ?? '';
+  BACKENDS.push({ name: 'cuda (real GPU)', device: 'cuda', env: () => ({ EPD_TRANSFER_CUDA_LIB: lib }), real: true, ipc: true, whitelist: false });
+}
 
 let fakes: FakeLibraries;
 const control = new FakeControl();
@@ -95,23 +103,49 @@ class Child {
 describe.each(BACKENDS)('device conformance: $name', (backend) => {
   let engine: TransferEngine;
 
+  let ballast: { a: bigint; b: bigint; bytes: number; copies: number } | undefined;
+
   beforeAll(async () => {
     Object.assign(process.env, backend.env(fakes));
     engine = await TransferEngine.open({ device: backend.device, listen: false });
+    if (backend.real) {
+      // Calibrate the work that holds a real stream back: about 1.5 s of copies.
+      const bytes = 256 << 20;
+      const b = { a: engine.device.alloc(bytes).ptr, b: engine.device.alloc(bytes).ptr, bytes, copies: 0 };
+      const s = engine.device.createStream();
+      s.copy(b.b, b.a, bytes);
+      await s.synchronize(30_000);
+      const t0 = performance.now();
+      for (let i = 0; i < 16; i++) s.copy(b.b, b.a, bytes);
+      await s.synchronize(30_000);
+      const perCopyMs = (performance.now() - t0) / 16;
+      b.copies = Math.min(50_000, Math.max(8, Math.ceil(1_500 / perCopyMs)));
+      s.destroy();
+      ballast = b;
+    }
   });
 
   afterAll(async () => {
     control.clear();
+    if (ballast) {
+      engine.device.free(ballast.a);
+      engine.device.free(ballast.b);
+    }
     await engine?.close();
   });
 
   /**
    * Holds everything queued on `stream` after this call until release(): on host a
-   * long sleep on the stream, on the fakes their hang switch.
+   * long sleep on the stream, on the fakes their hang switch, on a real GPU about 1.5 s
+   * of device-to-device copies queued ahead (release() cannot shorten them).
    */
   function block(stream: DeviceStream): { release(): void } {
     if (backend.device === 'host') {
       stream.sleep(300_000);
+      return { release() {} };
+    }
+    if (backend.real) {
+      for (let i = 0; i < ballast!.copies; i++) stream.copy(ballast!.b, ballast!.a, ballast!.bytes);
       return { release() {} };
     }
     control.set({ [`${backend.lib}.hang`]: 1 });

@@ -6,7 +6,8 @@ import path from 'node:path';
 import { Worker } from 'node:worker_threads';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { TransferEngine } from '../../lib/index.js';
-import { closeEngines, expectCode, openEngine, root } from '../helpers.js';
+import { closeEngines, expectCode, openEngine, root, startPeer, stopPeers } from '../helpers.js';
+import { pattern, sha256 } from '../fixtures/pattern.mjs';
 import { buildFakes, FakeControl, reclaimFakeShm, type FakeLibraries } from './fakes.js';
 
 let fakes: FakeLibraries;
@@ -20,6 +21,7 @@ beforeAll(() => {
 afterEach(async () => {
   control.clear();
   await closeEngines();
+  await stopPeers();
 });
 
 afterAll(() => {
@@ -247,5 +249,25 @@ describe('acl IPC whitelist', () => {
     const freeAt = mine.findIndex((t) => t.fn === 'aclrtFree' && t.details === `ptr=0x${kept[0].ptr.toString(16)}`);
     expect(closeAt).toBeGreaterThanOrEqual(0);
     expect(freeAt).toBeGreaterThan(closeAt);
+  });
+});
+
+describe('engines on vendor devices over shm', () => {
+  it('reach an acl peer\'s host regions; its NPU regions fail per descriptor, not the connect', async () => {
+    const peer = await startPeer({ regions: [8192], engine: { device: 'acl' } as never });
+    const ptr = await peer.call<bigint>('deviceAlloc', { bytes: 4096 });
+    const npuRegion = await peer.call<number>('deviceRegister', { ptr, length: 4096 });
+    const engine = await openEngine({ listen: false });
+    const p = await engine.connect(peer.address);
+    expect(p.transport).toBe('shm');
+    const src = engine.allocate(8192);
+    src.buffer!.set(pattern(70, 8192));
+    await engine.write(p, [{ localRegion: src, localOffset: 0, remoteRegion: peer.regions[0], remoteOffset: 0, length: 8192 }]);
+    expect(await peer.call('hash', { region: peer.regions[0] })).toBe(sha256(pattern(70, 8192)));
+    const err = await expectCode(
+      () => engine.write(p, [{ localRegion: src, localOffset: 0, remoteRegion: npuRegion, remoteOffset: 0, length: 4096 }]),
+      'ERR_NOT_SHAREABLE',
+    );
+    expect(err.message).toMatch(/cannot be reached over shm/);
   });
 });
