@@ -10,12 +10,16 @@
  *   epd-transfer proxy instances list|add|remove --proxy <url> [--role <role>] [url...]
  *   epd-transfer bench proxy [--rate 500] [--json]
  *   epd-transfer bench ec [--bytes 18MiB] [--processes 1] [--runs 5] [--json]
+ *   epd-transfer worker --role encode|prefill|decode|pd [--model <profile>] [options]
+ *   epd-transfer demo [--topology 1e1pd|1e1p1d|2e2p2d] [--requests n] [--json] [--report <file>]
  *   epd-transfer shm-gc
  */
 import { parseArgs } from 'node:util';
 import { TransferError } from './errors.js';
 import { native } from './native.js';
 import { probe, type BackendStatus } from './probe.js';
+import { DEMO_USAGE } from './demo/usage.js';
+import { WORKER_USAGE } from './sim/usage.js';
 import { BENCH_PROXY_USAGE, PROXY_USAGE, benchProxyCommand, runProxyCommand } from './proxy/cli.js';
 import { META_USAGE, metadataCommand, registerCommand } from './meta/cli.js';
 import { expectInteger, parseBytes } from './validate.js';
@@ -58,7 +62,7 @@ ${BENCH_PROXY_USAGE}  bench ec [options]             encoder cache: save in one 
       --processes <n>            loader processes, measured one after another (1)
       --runs <n>                 measured runs, median reported (5)
       --json                     one JSON object instead of the table
-${PROXY_USAGE}${META_USAGE}  shm-gc                         remove shared memory left by crashed engines and encoder caches
+${PROXY_USAGE}${META_USAGE}${WORKER_USAGE}${DEMO_USAGE}  shm-gc                         remove shared memory left by crashed engines and encoder caches
 `;
 
 async function benchEc(args: string[]): Promise<void> {
@@ -237,6 +241,14 @@ export async function main(argv: string[]): Promise<number> {
         return await registerCommand(rest);
       case 'metadata':
         return await metadataCommand(rest);
+      case 'worker': {
+        const { runWorkerCommand } = await import('./sim/cli.js');
+        return await runWorkerCommand(rest);
+      }
+      case 'demo': {
+        const { runDemoCommand } = await import('./demo/cli.js');
+        return await runDemoCommand(rest);
+      }
       case 'shm-gc':
         console.log(`removed ${native.reclaimStaleShm()} stale shared-memory object(s)`);
         console.log(`removed ${native.reclaimStaleEcStores()} stale encoder-cache store(s)`);

@@ -60,8 +60,10 @@ export type {
   ChromeTraceEvent,
   KvLayerSummary,
 } from './kv/index.js';
-export { PROFILES, REFERENCE_ACCELERATOR, getProfile, kvTensors, kvBytesPerToken, layerPrefillUs } from './sim/profiles.js';
-export type { ModelProfile, GqaAttention, MlaAttention, FeedForward, VisionEncoder } from './sim/profiles.js';
+export { PROFILES, REFERENCE_ACCELERATOR, getProfile, kvTensors, kvBytesPerToken, layerPrefillUs, decodeStepUs, decodeWeightBytes, imageEmbedding } from './sim/profiles.js';
+export type { ModelProfile, GqaAttention, MlaAttention, FeedForward, VisionEncoder, ImageEmbedding } from './sim/profiles.js';
+export { SimWorker, simulationLabel, SharedStoreLocator } from './sim/index.js';
+export type { SimWorkerOptions, SimRole, WorkerStats as SimWorkerStats, SimRequestRecord } from './sim/index.js';
 export { EpdProxy, MemoryEmbeddingLocator, ProxyError, ProxyCluster, signBody as signProxyBody, SIGNATURE_HEADER as PROXY_SIGNATURE_HEADER } from './proxy/index.js';
 export type {
   ProxyOptions,

@@ -25,6 +25,14 @@ export const REFERENCE_ACCELERATOR = Object.freeze({
   get effectiveFlops(): number {
     return this.peakTflops * 1e12 * this.utilisation;
   },
+  /** Memory bandwidth, TB/s (Ascend 910B and A100-40GB: about 1.6). Decode is bound by it. */
+  memoryTBps: 1.6,
+  /** Share of the memory bandwidth a decode step sustains (assumption). */
+  memoryUtilisation: 0.7,
+  /** Effective bytes/s used for every decode time here. */
+  get effectiveMemoryBytesPerSec(): number {
+    return this.memoryTBps * 1e12 * this.memoryUtilisation;
+  },
 });
 
 /** Grouped-query (or multi-head) attention. */
@@ -244,4 +252,49 @@ export function kvBytesPerToken(p: ModelProfile): number {
 /** Prefill time of one layer for a prompt of `tokens` tokens (one chunk), µs. */
 export function layerPrefillUs(p: ModelProfile, tokens: number): number {
   return tokens * p.layerUsPerToken + tokens * tokens * p.layerUsPerToken2;
+}
+
+/** Bytes of the weights one decode step reads: every layer's activated matmul parameters (embeddings and LM head left out). */
+export function decodeWeightBytes(p: ModelProfile): number {
+  return layerParams(p) * p.layers * p.dtypeBytes;
+}
+
+/**
+ * Time of one decode step (one token for each sequence of the batch), µs. Decode
+ * is memory-bound: a step reads the activated weights once for the whole batch
+ * plus every sequence's KV cache, at the reference accelerator's effective memory
+ * bandwidth, spread over the instance's `prefillDevices`. Like the prefill times,
+ * derived, not measured.
+ */
+export function decodeStepUs(p: ModelProfile, contextTokens: readonly number[]): number {
+  const perToken = kvBytesPerToken(p);
+  let bytes = decodeWeightBytes(p);
+  for (const n of contextTokens) bytes += n * perToken;
+  return (bytes / (REFERENCE_ACCELERATOR.effectiveMemoryBytesPerSec * p.prefillDevices)) * 1e6;
+}
+
+/** What the vision encoder makes of one image. */
+export interface ImageEmbedding {
+  /** Embedding tokens handed to the language model (patches merged `spatialMergeSize`² to one). */
+  tokens: number;
+  /** Embedding bytes: tokens × embedding width × dtype bytes. */
+  bytes: number;
+  /** Encoder time on the reference accelerator, µs (derived like the prefill times). */
+  encodeUs: number;
+}
+
+/**
+ * The embedding of a `width` × `height` image: one token per
+ * (patch × merge)² pixels, each side rounded up (28 px for Qwen2.5-VL, the proxy's
+ * default estimate too). ERR_BAD_ARGUMENT for a profile without a vision encoder.
+ */
+export function imageEmbedding(p: ModelProfile, width: number, height: number): ImageEmbedding {
+  const v = p.vision;
+  if (!v) throw new TransferError(`model profile '${p.id}' has no vision encoder`, 'ERR_BAD_ARGUMENT');
+  if (!Number.isSafeInteger(width) || !Number.isSafeInteger(height) || width < 1 || height < 1) {
+    throw new TransferError(`Expected a positive image size but received ${width}x${height}`, 'ERR_BAD_ARGUMENT');
+  }
+  const side = v.patchSize * v.spatialMergeSize;
+  const tokens = Math.ceil(width / side) * Math.ceil(height / side);
+  return { tokens, bytes: tokens * v.embeddingWidth * p.dtypeBytes, encodeUs: tokens * v.spatialMergeSize ** 2 * v.usPerPatch };
 }

@@ -1,0 +1,255 @@
+/**
+ * `epd-transfer demo`: the whole disaggregated system on this machine.
+ *
+ * 1. Creates a shared encoder cache for the run and starts the simulated workers
+ *    of the topology and the proxy, each its own process on 127.0.0.1, with a
+ *    fresh shared secret for the proxy's metaserver and one for the transfer
+ *    engines (in their environment, never on a command line).
+ * 2. Sends one warm-up request (not counted), then a seeded mix of text,
+ *    new-image and repeated-image requests through the proxy with the official
+ *    `openai` client, a few at a time.
+ * 3. Collects what the client saw, the proxy's per-request timelines and every
+ *    worker's counters and records, and writes the HTML report.
+ * 4. Stops every process (orderly, with deadlines, then by force) and closes the
+ *    cache — nothing is left running and nothing in /dev/shm.
+ */
+import { randomBytes } from 'node:crypto';
+import { writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { EncoderCacheStore } from '../ec/store.js';
+import { TransferError } from '../errors.js';
+import { native } from '../native.js';
+import type { RequestTrace } from '../proxy/flow.js';
+import { getProfile, REFERENCE_ACCELERATOR } from '../sim/profiles.js';
+import type { SimRole, WorkerStats } from '../sim/stats.js';
+import { planLoad, proxyClient, runLoad, type ClientResult } from './load.js';
+import { packageRoot, Supervisor, type Child } from './processes.js';
+import type { ProxyProcessConfig } from './proxy-process.js';
+import { Progress } from './progress.js';
+import { renderReport } from './report.js';
+import { joinTimelines, summarize, type DemoSummary, type Topology, type WorkerReport } from './summary.js';
+
+/** Options of {@link runDemo}. */
+export interface DemoOptions {
+  topology: Topology;
+  /** Requests in the load. */
+  requests: number;
+  /** Requests in flight. */
+  concurrency: number;
+  /** Model profile id. */
+  model: string;
+  /** Seed of the request mix. */
+  seed: number;
+  /** Where to write the HTML report; null for none. */
+  report: string | null;
+  /** Fault injection: the KV of the load's n-th request (1-based) is corrupted on prefill; decode's check must fail it. */
+  corruptKv?: number;
+  /** Simulated KV cache of each P, D and PD (bytes). Default 384 MiB. */
+  kvMemory?: number;
+  /** Interrupts the run: the load stops, everything shuts down, the summary covers what ran. */
+  signal: AbortSignal;
+  /** Where the progress bar goes (stderr); undefined for none. */
+  progress?: NodeJS.WritableStream;
+  /** Status lines ("starting…"). */
+  log: (line: string) => void;
+  /** The command line, shown in the report. */
+  command: string;
+}
+
+/** Workers of a topology, in start order. */
+export function topologyRoles(topology: Topology): Array<{ name: string; role: SimRole }> {
+  const n = topology === '2e2p2d' ? 2 : 1;
+  const roles: SimRole[] = topology === '1e1pd' ? ['encode', 'pd'] : ['encode', 'prefill', 'decode'];
+  return roles.flatMap((role) => Array.from({ length: role === 'pd' ? 1 : n }, (_, i) => ({ name: `${role}-${i}`, role })));
+}
+
+/** The run's shared encoder cache (its pages are used only as embeddings are saved). */
+const EC_CAPACITY = 1024 ** 3;
+
+function epochMs(): number {
+  return performance.timeOrigin + performance.now();
+}
+
+/** Resolves with `promise`, or rejects once `signal` aborts. */
+function unlessAborted<T>(promise: Promise<T>, signal: AbortSignal): Promise<T> {
+  if (signal.aborted) return Promise.reject(new TransferError('the demo was interrupted', 'ERR_ABORTED'));
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () => reject(new TransferError('the demo was interrupted', 'ERR_ABORTED'));
+    signal.addEventListener('abort', onAbort, { once: true });
+    promise.then(
+      (v) => {
+        signal.removeEventListener('abort', onAbort);
+        resolve(v);
+      },
+      (e) => {
+        signal.removeEventListener('abort', onAbort);
+        reject(e);
+      },
+    );
+  });
+}
+
+/** Writes the report at `file`, or in the temp directory when that place cannot be written. Returns where. */
+function writeReport(file: string, html: string, log: (line: string) => void): string {
+  try {
+    writeFileSync(file, html);
+    return path.resolve(file);
+  } catch (err) {
+    const fallback = path.join(os.tmpdir(), `epd-demo-report-${process.pid}.html`);
+    log(`cannot write ${file} (${(err as NodeJS.ErrnoException).code ?? (err as Error).message}); writing ${fallback} instead`);
+    writeFileSync(fallback, html);
+    return fallback;
+  }
+}
+
+/** A worker's counters, and its per-request records since the previous call (drained). */
+async function workerStats(child: Child): Promise<WorkerStats> {
+  const res = await fetch(`${child.ready.url}/sim/stats?records=1`, { signal: AbortSignal.timeout(10_000) });
+  if (!res.ok) throw new TransferError(`${child.name} answered ${res.status} to /sim/stats`, 'ERR_REMOTE');
+  return (await res.json()) as WorkerStats;
+}
+
+/** A worker's counters since `before` (the warm-up left out); records were drained at `before`. */
+function since(after: WorkerStats, before: WorkerStats): WorkerStats {
+  const minus = <T extends object>(a: T, b: T): T =>
+    Object.fromEntries(Object.entries(a).map(([k, v]) => [k, typeof v === 'number' ? v - ((b as Record<string, number>)[k] ?? 0) : v])) as T;
+  return { ...after, ec: minus(after.ec, before.ec), kv: minus(after.kv, before.kv) };
+}
+
+/** Runs the demo (see the module comment) and returns its numbers. */
+export async function runDemo(o: DemoOptions): Promise<DemoSummary> {
+  const profile = getProfile(o.model);
+  const root = packageRoot();
+  const bin = path.join(root, 'bin', 'epd-transfer.js');
+  const proxyModule = path.join(root, 'dist', 'lib', 'demo', 'proxy-process.js');
+  const runId = `${process.pid.toString(36)}${randomBytes(2).toString('hex')}`;
+  const storeName = `epd-demo-${runId}`;
+  const env = {
+    EPD_PROXY_SECRET: randomBytes(24).toString('base64url'),
+    EPD_TRANSFER_SECRET: randomBytes(24).toString('base64url'),
+  };
+  const lost: string[] = [];
+  const supervisor = new Supervisor((name, how) => {
+    lost.push(name);
+    o.log(`${name} exited during the run (${how}); requests routed to it fail`);
+  });
+  let store: EncoderCacheStore | undefined;
+  try {
+    // Created here so it exists before anyone opens it; the last process to close it removes it.
+    store = await EncoderCacheStore.open({ name: storeName, capacity: EC_CAPACITY });
+    const roles = topologyRoles(o.topology);
+    const requests = planLoad(o.requests, { seed: o.seed, vision: profile.vision !== undefined, runId });
+    const corrupt = o.corruptKv === undefined ? undefined : requests[o.corruptKv - 1]?.id;
+    if (o.corruptKv !== undefined && corrupt === undefined) {
+      throw new TransferError(`--corrupt-kv ${o.corruptKv}: the load has only ${requests.length} requests`, 'ERR_BAD_ARGUMENT');
+    }
+    o.log(`starting ${roles.map((r) => r.name).join(', ')} and the proxy (${o.topology}, ${profile.id}, simulated) ...`);
+    const kvMemory = String(o.kvMemory ?? 384 << 20);
+    const workers = await unlessAborted(
+      Promise.all(
+        roles.map((r) =>
+          supervisor.start({
+            name: r.name,
+            module: bin,
+            args: [
+              'worker', '--role', r.role, '--model', profile.id, '--ec-store', storeName, '--ec-capacity', String(EC_CAPACITY), '--kv-memory', kvMemory,
+              ...(r.role === 'prefill' && corrupt !== undefined ? ['--corrupt-kv', corrupt] : []),
+            ],
+            env,
+            readyTimeoutMs: 60_000,
+          }),
+        ),
+      ),
+      o.signal,
+    );
+    const instances: ProxyProcessConfig['instances'] = {};
+    for (const w of workers) (instances[w.ready.role as SimRole] ??= []).push(w.ready.url);
+    const proxy = await unlessAborted(
+      supervisor.start({ name: 'proxy', module: proxyModule, args: [JSON.stringify({ instances, ecStore: storeName, host: '127.0.0.1' } satisfies ProxyProcessConfig)], env, readyTimeoutMs: 30_000 }),
+      o.signal,
+    );
+    o.log(`proxy ${proxy.ready.url}; sending ${o.requests} requests, ${o.concurrency} at a time, with the openai client`);
+    if (!profile.vision) o.log(`${profile.id} has no vision encoder: text requests only`);
+
+    // A few short text requests first, not counted: the client's connections, the prefill →
+    // decode handshake and first-use costs would otherwise land on the first measured requests.
+    const load = { client: proxyClient(proxy.ready.url, 120_000), model: profile.id, signal: o.signal };
+    const warmups = Array.from({ length: Math.min(o.concurrency, 8) }, (_, i) => ({
+      index: i,
+      id: `demo-${runId}-warmup-${i}`,
+      kind: 'text' as const,
+      messages: [{ role: 'user' as const, content: 'Warm up.' }],
+      maxTokens: 2,
+    }));
+    const failed = (await runLoad(warmups, { ...load, concurrency: warmups.length })).find((r) => !r.ok);
+    if (failed && !o.signal.aborted) throw new TransferError(`a warm-up request failed: ${failed.error}`, 'ERR_REMOTE');
+    await supervisor.ask(proxy, { type: 'traces' }, 'traces', 10_000);
+    const baseline = new Map(await Promise.all(workers.map(async (w) => [w.name, await workerStats(w)] as const)));
+
+    const progress = new Progress(requests.length, o.progress);
+    const t0 = epochMs();
+    let clients: ClientResult[];
+    try {
+      clients = await runLoad(requests, { ...load, concurrency: o.concurrency, onResult: (r) => progress.tick(r.ok) });
+    } finally {
+      progress.finish();
+    }
+    const durationS = (epochMs() - t0) / 1000;
+
+    const traces = (await supervisor.ask<{ traces: RequestTrace[] }>(proxy, { type: 'traces' }, 'traces', 10_000)).traces;
+    // A worker that died during the load (its requests already count as errors) has no stats to give.
+    const unreachable: string[] = [];
+    const reports: WorkerReport[] = (
+      await Promise.all(
+        workers.map(async (w) => {
+          try {
+            return { name: w.name, role: w.ready.role as SimRole, url: w.ready.url, stats: since(await workerStats(w), baseline.get(w.name)!) };
+          } catch (err) {
+            unreachable.push(w.name);
+            o.log(`cannot read ${w.name}'s numbers: ${(err as Error).message}`);
+            return undefined;
+          }
+        }),
+      )
+    ).filter((r): r is WorkerReport => r !== undefined);
+    const summary = summarize({
+      simulation:
+        `simulated E/P/D workers: compute times derived from the ${profile.name} profile for a ${REFERENCE_ACCELERATOR.name}; ` +
+        'embeddings and KV are real bytes, moved through the encoder cache and the transfer engine and checked byte for byte',
+      topology: o.topology,
+      model: profile.id,
+      concurrency: o.concurrency,
+      interrupted: o.signal.aborted,
+      clients,
+      traces,
+      workers: reports,
+      durationS,
+      processes: [proxy, ...workers].map((c) => ({ name: c.name, role: c.ready.role ?? 'proxy', pid: c.ready.pid, url: c.ready.url })),
+      unreachable,
+    });
+    if (o.report !== null) {
+      const html = renderReport({
+        summary,
+        timelines: joinTimelines(clients, traces, reports),
+        t0,
+        createdAt: new Date().toISOString(),
+        command: o.command,
+        itlMs: clients.filter((c) => c.ok).flatMap((c) => c.itlMs),
+      });
+      summary.report = writeReport(o.report, html, o.log);
+    }
+    return summary;
+  } finally {
+    // After the load nothing is in flight; after an interrupt, what is in flight is abandoned.
+    const killed = await supervisor.stopAll(o.signal.aborted ? 0 : 5_000);
+    await store?.close();
+    if (killed.length + lost.length > 0) {
+      // A process that died or had to be killed could not remove its shared memory: do it for it.
+      native.reclaimStaleShm();
+      native.reclaimStaleEcStores();
+      if (killed.length > 0) o.log(`had to kill ${killed.join(', ')}`);
+    }
+  }
+}
