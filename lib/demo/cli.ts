@@ -1,5 +1,6 @@
 /**
- * `epd-transfer demo [--topology 1e1pd|1e1p1d|2e2p2d] [--requests n] [--json] …`
+ * `epd-transfer demo [--topology 1e1pd|1e1p1d|2e2p2d] [--requests n] [--json] …
+ *  [--metadata etcd://h:p --proxies n --netns auto|on|off --kill <process>@<n>]`
  *
  * Prints a table (or, with --json, one JSON object on stdout) and writes the HTML
  * report. Exit code: 0 when every request succeeded, 1 when some failed, 130 when
@@ -11,7 +12,8 @@ import { TransferError } from '../errors.js';
 import { getProfile } from '../sim/profiles.js';
 import { expectInteger, parseBytes } from '../validate.js';
 import { runDemo } from './run.js';
-import type { DemoSummary, Topology } from './summary.js';
+import type { NetnsMode } from './scale.js';
+import type { DemoSummary, ScaleSummary, Topology } from './summary.js';
 
 const TOPOLOGIES: readonly Topology[] = ['1e1pd', '1e1p1d', '2e2p2d'];
 
@@ -21,6 +23,35 @@ function fmt(v: number | null, digits = 1): string {
 
 function gb(bytes: number): string {
   return bytes >= 1e9 ? `${(bytes / 1e9).toFixed(2)} GB` : `${(bytes / 1e6).toFixed(1)} MB`;
+}
+
+/** The cluster's lines of the human summary. */
+function scaleLines(c: ScaleSummary): Array<[string, string]> {
+  const lines: Array<[string, string]> = [
+    ['etcd', `${c.metadata} (${c.etcdKeysLeft === null ? 'could not check what is left' : `${c.etcdKeysLeft} keys left after the run`})`],
+    ['network', c.network.mode === 'netns' ? `one network namespace per worker, bridge ${c.network.subnet}` : `loopback: ${c.network.reason}`],
+    ['KV path', c.paths.kv],
+    ['embedding path', c.paths.embeddings],
+    [
+      'proxies',
+      c.proxies
+        .map((p) => {
+          const stale = p.staleness ? `, shared-load staleness p50 ${p.staleness.p50} ms, p99 ${p.staleness.p99} ms (${p.staleness.samples} samples)` : '';
+          return `${p.name}: ${p.requests} requests, ${p.errors} failed${p.killed ? ' (killed)' : ''}${stale}`;
+        })
+        .join('\n'),
+    ],
+    ['routed to', Object.entries(c.instances).map(([name, n]) => `${name} ${n}`).join(', ')],
+  ];
+  if (c.failovers > 0) lines.push(['failovers', `${c.failovers} requests refused by a dead proxy went to the next one`]);
+  if (c.kill) {
+    const after = c.failures.filter((f) => f.sentAfterKill).length;
+    lines.push([
+      'fault',
+      `${c.kill.target} killed after ${c.kill.afterRequests} requests: ${c.failures.filter((f) => f.inFlightAtKill).length} in flight at it failed, ${after} sent afterwards failed`,
+    ]);
+  }
+  return lines;
 }
 
 /** The human summary. */
@@ -45,6 +76,7 @@ export function formatSummary(s: DemoSummary): string {
     ],
     ['layerwise exposed tail', s.exposedTailP50Ms === null ? '–' : `${fmt(s.exposedTailP50Ms, 2)} ms p50, ${fmt(s.exposedTailP99Ms, 2)} ms p99 (KV complete after the last layer's compute)`],
   ];
+  if (s.scale) lines.push(...scaleLines(s.scale));
   if (s.errorSamples.length > 0) lines.push(['errors', s.errorSamples.join('\n')]);
   if (s.unreachable.length > 0) lines.push(['lost', `${s.unreachable.join(', ')} (died during the run; their bytes are not counted)`]);
   if (s.report) lines.push(['report', s.report]);
@@ -71,6 +103,10 @@ export async function runDemoCommand(args: string[]): Promise<number> {
       seed: { type: 'string', default: '1' },
       'kv-memory': { type: 'string', default: '384MiB' },
       'corrupt-kv': { type: 'string' },
+      metadata: { type: 'string' },
+      proxies: { type: 'string', default: '1' },
+      netns: { type: 'string', default: 'auto' },
+      kill: { type: 'string' },
     },
   });
   const topology = values.topology as Topology;
@@ -82,6 +118,15 @@ export async function runDemoCommand(args: string[]): Promise<number> {
   const concurrency = expectInteger(Number(values.concurrency), '--concurrency', 1, 1024);
   const seed = expectInteger(Number(values.seed), '--seed', 0);
   const corruptKv = values['corrupt-kv'] === undefined ? undefined : expectInteger(Number(values['corrupt-kv']), '--corrupt-kv', 1);
+  const proxies = expectInteger(Number(values.proxies), '--proxies', 1, 16);
+  const netns = values.netns as NetnsMode;
+  if (!['auto', 'on', 'off'].includes(netns)) throw new TransferError(`Expected --netns auto, on or off but received ${JSON.stringify(values.netns)}`, 'ERR_BAD_ARGUMENT');
+  let kill: { target: string; after: number } | undefined;
+  if (values.kill !== undefined) {
+    const m = /^([\w-]+)@(\d+)$/.exec(values.kill);
+    if (!m) throw new TransferError(`Expected --kill <process>@<n> (e.g. proxy-1@10, decode-0@12) but received ${JSON.stringify(values.kill)}`, 'ERR_BAD_ARGUMENT');
+    kill = { target: m[1], after: expectInteger(Number(m[2]), '--kill …@<n>', 1) };
+  }
   const json = values.json;
   const stderr = process.stderr;
 
@@ -110,6 +155,10 @@ export async function runDemoCommand(args: string[]): Promise<number> {
       report: values.report === '-' ? null : values.report,
       corruptKv,
       kvMemory: parseBytes(values['kv-memory'], '--kv-memory'),
+      metadata: values.metadata,
+      proxies,
+      netns,
+      kill,
       signal: interrupt.signal,
       progress: json && !stderr.isTTY ? undefined : stderr,
       log: (line) => {

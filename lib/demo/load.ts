@@ -3,9 +3,16 @@
  * requests repeating an earlier image, sent through the proxy with the official
  * `openai` client (streamed, so time to first token and the gaps between tokens
  * are measured where a user would see them), a fixed number in flight.
+ *
+ * With several proxies the client does what an HTTP load balancer in front of
+ * them does ({@link ProxyBalancer}): round robin, and a request whose connection
+ * is refused (it never reached that proxy) goes to the next one, while the
+ * refusing proxy is left out from then on. A request a proxy accepted is never
+ * sent twice: if that proxy dies, the request fails.
  */
 import OpenAI from 'openai';
 import { performance } from 'node:perf_hooks';
+import { Agent, fetch as undiciFetch } from 'undici';
 import { pngDataUrl } from './images.js';
 
 /** What kind of request it is. */
@@ -34,6 +41,10 @@ export interface ClientResult {
   error?: string;
   /** Cut short by the demo's interruption (not counted as an error). */
   cancelled?: boolean;
+  /** The proxy that accepted it (or the last one tried). */
+  proxy?: string;
+  /** Proxies that refused its connection before one accepted it. */
+  failovers?: number;
   /** First content token. */
   firstToken?: number;
   ttftMs?: number;
@@ -131,39 +142,129 @@ function epochMs(): number {
   return performance.timeOrigin + performance.now();
 }
 
-/** The official client, pointed at the proxy; no retries (an error is counted, not hidden). */
-export function proxyClient(baseUrl: string, timeoutMs: number): OpenAI {
-  return new OpenAI({ baseURL: `${baseUrl}/v1`, apiKey: 'epd-demo-simulated-workers-need-no-key', maxRetries: 0, timeout: timeoutMs });
+/** A proxy the load can send to. */
+export interface ProxyTarget {
+  name: string;
+  url: string;
+}
+
+/** Errors that mean the connection was never accepted: the request did not reach that proxy. */
+const NOT_CONNECTED = new Set(['ECONNREFUSED', 'EHOSTUNREACH', 'ENETUNREACH', 'UND_ERR_CONNECT_TIMEOUT']);
+
+/** True when `err` (or one of its causes) says the connection was never established. */
+export function neverConnected(err: unknown): boolean {
+  for (let e = err as { code?: string; cause?: unknown } | undefined, depth = 0; e && depth < 8; e = e.cause as typeof e, depth++) {
+    if (typeof e.code === 'string' && NOT_CONNECTED.has(e.code)) return true;
+  }
+  return false;
+}
+
+/**
+ * The client side of a load balancer over the proxies: round robin over those
+ * that have not refused a connection. Each request opens its own connection (no
+ * keep-alive), so a refused connection is unambiguous: the proxy never saw the
+ * request and it is safe to send it to the next one.
+ */
+export class ProxyBalancer {
+  private readonly live: Array<ProxyTarget & { client: OpenAI }>;
+  private readonly agent = new Agent({ pipelining: 0, connect: { timeout: 5_000 } });
+  private turn = 0;
+  /** Proxies left out after they refused a connection, in order. */
+  readonly refused: string[] = [];
+
+  constructor(targets: readonly ProxyTarget[], timeoutMs: number) {
+    const fetch = ((url: string, init: Record<string, unknown>) => undiciFetch(url, { ...init, dispatcher: this.agent } as never)) as unknown as typeof globalThis.fetch;
+    this.live = targets.map((t) => ({
+      ...t,
+      // No retries: an error is counted, not hidden.
+      client: new OpenAI({ baseURL: `${t.url}/v1`, apiKey: 'epd-demo-simulated-workers-need-no-key', maxRetries: 0, timeout: timeoutMs, fetch }),
+    }));
+  }
+
+  /** The next proxy in turn, or undefined when every one refused. */
+  next(): (ProxyTarget & { client: OpenAI }) | undefined {
+    if (this.live.length === 0) return undefined;
+    return this.live[this.turn++ % this.live.length];
+  }
+
+  /** Leaves `name` out from now on. */
+  markRefused(name: string): void {
+    const i = this.live.findIndex((t) => t.name === name);
+    if (i < 0) return;
+    this.live.splice(i, 1);
+    this.refused.push(name);
+  }
+
+  /** Closes the connections. */
+  close(): Promise<void> {
+    return this.agent.close();
+  }
 }
 
 /** Options of {@link runLoad}. */
 export interface LoadOptions {
-  /** A client of the proxy ({@link proxyClient}). */
-  client: OpenAI;
+  /** The proxies ({@link ProxyBalancer}). */
+  balancer: ProxyBalancer;
   model: string;
   concurrency: number;
   /** Stops sending; requests in flight are cancelled. */
   signal: AbortSignal;
-  /** Called after each request. */
-  onResult?: (result: ClientResult) => void;
+  /** Called after each request. A promise it returns holds back further sends until it settles (fault injection). */
+  onResult?: (result: ClientResult) => void | Promise<void>;
 }
 
 /** Sends every request through the proxy, `concurrency` at a time; resolves with what the client saw. */
 export async function runLoad(requests: readonly LoadRequest[], options: LoadOptions): Promise<ClientResult[]> {
   const results: ClientResult[] = [];
   let next = 0;
+  let hold: Promise<void> | undefined;
   const lane = async () => {
-    while (!options.signal.aborted && next < requests.length) {
-      const result = await send(options.client, requests[next++], options);
+    for (;;) {
+      await hold;
+      if (options.signal.aborted || next >= requests.length) return;
+      const result = await send(requests[next++], options);
       results.push(result);
-      options.onResult?.(result);
+      const pending = options.onResult?.(result);
+      if (pending) {
+        const settled = pending.then(
+          () => undefined,
+          () => undefined,
+        );
+        hold = hold ? Promise.all([hold, settled]).then(() => undefined) : settled;
+      }
     }
   };
   await Promise.all(Array.from({ length: Math.max(1, options.concurrency) }, lane));
   return results.sort((a, b) => a.index - b.index);
 }
 
-async function send(client: OpenAI, request: LoadRequest, options: LoadOptions): Promise<ClientResult> {
+/** Opens the request's stream on the next proxy that accepts the connection. */
+async function open(request: LoadRequest, options: LoadOptions, result: ClientResult, signal: AbortSignal) {
+  for (;;) {
+    const target = options.balancer.next();
+    if (!target) throw new Error(`no proxy accepts connections (refused: ${options.balancer.refused.join(', ')})`);
+    result.proxy = target.name;
+    try {
+      return await target.client.chat.completions.create(
+        {
+          model: options.model,
+          messages: request.messages,
+          max_tokens: request.maxTokens,
+          stream: true,
+          stream_options: { include_usage: true },
+        },
+        { headers: { 'x-request-id': request.id }, signal },
+      );
+    } catch (err) {
+      if (signal.aborted || !neverConnected(err)) throw err;
+      // It never reached this proxy: the next one gets it, and this one no more requests.
+      options.balancer.markRefused(target.name);
+      result.failovers = (result.failovers ?? 0) + 1;
+    }
+  }
+}
+
+async function send(request: LoadRequest, options: LoadOptions): Promise<ClientResult> {
   const result: ClientResult = { index: request.index, id: request.id, kind: request.kind, start: epochMs(), end: 0, ok: false, itlMs: [], tokens: 0 };
   let last: number | undefined;
   // One controller per request: the client adds listeners to the signal it is given.
@@ -171,16 +272,7 @@ async function send(client: OpenAI, request: LoadRequest, options: LoadOptions):
   const onAbort = () => cancel.abort();
   options.signal.addEventListener('abort', onAbort, { once: true });
   try {
-    const stream = await client.chat.completions.create(
-      {
-        model: options.model,
-        messages: request.messages,
-        max_tokens: request.maxTokens,
-        stream: true,
-        stream_options: { include_usage: true },
-      },
-      { headers: { 'x-request-id': request.id }, signal: cancel.signal },
-    );
+    const stream = await open(request, options, result, cancel.signal);
     for await (const chunk of stream) {
       const text = chunk.choices[0]?.delta?.content;
       if (!text) continue;

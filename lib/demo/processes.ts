@@ -35,6 +35,7 @@ export interface ReadyMessage {
   url: string;
   pid: number;
   engine?: string | null;
+  engineName?: string;
   role?: string;
 }
 
@@ -48,6 +49,11 @@ export interface ChildSpec {
   env?: Record<string, string>;
   /** Deadline for the ready message (ms). */
   readyTimeoutMs: number;
+  /**
+   * Network namespace to run it in (`ip netns exec <ns> node …`; ip execs node in
+   * place, so the pid, the IPC channel and the signals are node's own).
+   */
+  netns?: string;
 }
 
 /** A running child. */
@@ -86,6 +92,7 @@ export class Supervisor {
       env: { ...process.env, ...spec.env },
       stdio: ['ignore', 'ignore', 'pipe', 'ipc'],
       serialization: 'json',
+      ...(spec.netns ? { execPath: 'ip', execArgv: ['netns', 'exec', spec.netns, process.execPath, ...process.execArgv] } : {}),
     });
     this.children.set(child, spec.name);
     const log: string[] = [];
@@ -133,6 +140,12 @@ export class Supervisor {
       if (!this.stopping) this.onLost?.(spec.name, signal ?? `exit code ${code}`);
     });
     return started;
+  }
+
+  /** Fault injection: SIGKILLs a ready child and resolves once it exited (it is then reported lost). */
+  async kill(child: Child): Promise<void> {
+    child.process.kill('SIGKILL');
+    if (!(await settlesWithin(child.exited, 10_000))) throw new TransferError(`${child.name} did not die within 10 s of SIGKILL`, 'ERR_TIMEOUT');
   }
 
   /** Sends `message` to a child and waits for its answer of type `answer` (or the deadline). */

@@ -4,6 +4,7 @@
  * KV bytes, transfer rates, encoder-cache hits, the layerwise exposed tail), and
  * one joined timeline per request for the report.
  */
+import type { StalenessStats } from '../proxy/cluster.js';
 import type { RequestTrace } from '../proxy/flow.js';
 import type { LayerSpan } from '../sim/trace.js';
 import type { SimRequestRecord, SimRole, WorkerStats } from '../sim/stats.js';
@@ -61,8 +62,12 @@ export interface DemoSummary {
     /** Items prefill / PD had to encode themselves (not in the cache). */
     encodedLocally: number;
   };
-  /** Bytes moved per path: ec = embeddings loaded from the shared cache by prefill/PD (saved = written by encoders); kv = KV pushed prefill → decode. */
-  bytes: { ec: number; ecSaved: number; kv: number };
+  /**
+   * Bytes moved per path: ec = embeddings loaded by prefill/PD (saved = written by
+   * encoders; of ec, ecPulled = pulled from another host's store over the transfer
+   * engine, the rest read from a store on the same host); kv = KV pushed prefill → decode.
+   */
+  bytes: { ec: number; ecSaved: number; ecPulled: number; kv: number };
   /** Bytes checked byte for byte by the receiving side. */
   verifiedBytes: { ec: number; kv: number };
   /** Decode requests whose KV failed the byte check. */
@@ -81,6 +86,61 @@ export interface DemoSummary {
   unreachable: string[];
   /** Where the HTML report was written. */
   report: string | null;
+  /** Only with `--metadata`: the cluster (proxies, network, faults). */
+  scale?: ScaleSummary;
+}
+
+/** One proxy of a run at scale. */
+export interface ProxyReport {
+  name: string;
+  url: string;
+  pid: number;
+  /** Requests of the load it accepted (what the client saw), and how many of those failed. */
+  requests: number;
+  errors: number;
+  /** Age of the other proxies' load shares when they arrived here (null: it was killed before it could say). */
+  staleness: StalenessStats | null;
+  killed: boolean;
+}
+
+/** A request of the load that failed, and where it stood relative to the injected fault. */
+export interface FailedRequest {
+  index: number;
+  id: string;
+  proxy?: string;
+  error: string;
+  start: number;
+  end: number;
+  /** Sent before the fault and still running at it: it had reached the killed process, or may have. */
+  inFlightAtKill: boolean;
+  /** Sent after the killed process had exited: such a request must never fail. */
+  sentAfterKill: boolean;
+}
+
+/** What `--metadata` adds to the summary. */
+export interface ScaleSummary {
+  /** etcd URL with the run's own key prefix. */
+  metadata: string;
+  /** Keys under the run's prefix after the run (0: nothing left in etcd). */
+  etcdKeysLeft: number | null;
+  network: {
+    /** `netns`: one network namespace per worker on a bridge; `loopback`: every process on 127.0.0.1. */
+    mode: 'netns' | 'loopback';
+    /** Why loopback. */
+    reason: string | null;
+    subnet?: string;
+    /** Worker → namespace and address. */
+    namespaces?: Array<{ worker: string; ns: string; address: string }>;
+  };
+  /** Which path moved the bytes, in words. */
+  paths: { kv: string; embeddings: string };
+  proxies: ProxyReport[];
+  /** Hops the proxies routed to each worker (from their timelines; a killed proxy's are missing). */
+  instances: Record<string, number>;
+  /** Requests whose connection a proxy refused, sent on to the next one (the client's load balancing). */
+  failovers: number;
+  kill: { target: string; afterRequests: number; pid: number; at: number } | null;
+  failures: FailedRequest[];
 }
 
 /** A worker's final stats, with its name. */
@@ -257,7 +317,7 @@ export function summarize(input: {
       loaded: sum(consumers, (s) => s.ec.loaded),
       encodedLocally: sum(consumers, (s) => s.ec.missed),
     },
-    bytes: { ec: ecLoaded, ecSaved: sum('encode', (s) => s.ec.savedBytes), kv: kvBytes },
+    bytes: { ec: ecLoaded, ecSaved: sum('encode', (s) => s.ec.savedBytes), ecPulled: sum(consumers, (s) => s.ec.pulledBytes ?? 0), kv: kvBytes },
     verifiedBytes: { ec: sum(consumers, (s) => s.ec.verifiedBytes), kv: sum('decode', (s) => s.kv.verifiedBytes) },
     kvVerifyFailures: sum('decode', (s) => s.kv.verifyFailures),
     kvGBps: kvWriteMs > 0 ? round(kvWritten / (kvWriteMs / 1000) / 1e9, 3) : null,
@@ -268,5 +328,74 @@ export function summarize(input: {
     processes: input.processes,
     unreachable: input.unreachable,
     report: null,
+  };
+}
+
+/** The cluster part of the summary (`--metadata`). */
+export function summarizeScale(input: {
+  metadata: string;
+  network: ScaleSummary['network'];
+  kvOverNetwork: boolean;
+  bytes: DemoSummary['bytes'];
+  proxies: Array<{ name: string; url: string; pid: number; killed: boolean; staleness: StalenessStats | null }>;
+  /** Worker base URL → worker name. */
+  workerNames: ReadonlyMap<string, string>;
+  clients: readonly ClientResult[];
+  traces: readonly RequestTrace[];
+  kill: ScaleSummary['kill'];
+}): ScaleSummary {
+  const clients = input.clients.filter((c) => !c.cancelled);
+  const instances: Record<string, number> = {};
+  const count = (url: string | undefined) => {
+    if (url === undefined) return;
+    const name = input.workerNames.get(url) ?? url;
+    instances[name] = (instances[name] ?? 0) + 1;
+  };
+  for (const t of input.traces) {
+    for (const url of t.encode?.instances ?? []) count(url);
+    count(t.prefill?.instance);
+    count(t.decode?.instance);
+  }
+  const kill = input.kill;
+  const { ec, ecPulled, kv } = input.bytes;
+  return {
+    metadata: input.metadata,
+    etcdKeysLeft: null,
+    network: input.network,
+    paths: {
+      kv:
+        kv === 0
+          ? 'none moved'
+          : input.kvOverNetwork
+            ? `tcp between network namespaces, through veth pairs and a bridge (${input.network.subnet})`
+            : 'the transfer engine between processes of one host (shared memory where the engines find each other on the same host)',
+      embeddings:
+        ec === 0
+          ? 'none loaded'
+          : ecPulled === ec
+            ? "pulled from the encoders' own stores over the transfer engine (etcd encoder-cache index; tcp across the namespaces)"
+            : ecPulled > 0
+              ? `${ecPulled} of ${ec} bytes pulled from the encoders' stores over the transfer engine; the rest from copies already pulled to the consumer's host`
+              : 'one shared-memory encoder cache (/dev/shm) that every worker on this host opens',
+    },
+    proxies: input.proxies.map((p) => {
+      const mine = clients.filter((c) => c.proxy === p.name);
+      return { name: p.name, url: p.url, pid: p.pid, requests: mine.length, errors: mine.filter((c) => !c.ok).length, staleness: p.staleness, killed: p.killed };
+    }),
+    instances: Object.fromEntries(Object.entries(instances).sort(([a], [b]) => a.localeCompare(b))),
+    failovers: clients.filter((c) => (c.failovers ?? 0) > 0).length,
+    kill,
+    failures: clients
+      .filter((c) => !c.ok)
+      .map((c) => ({
+        index: c.index,
+        id: c.id,
+        proxy: c.proxy,
+        error: c.error ?? 'unknown',
+        start: c.start,
+        end: c.end,
+        inFlightAtKill: kill !== null && c.start < kill.at && c.end >= kill.at,
+        sentAfterKill: kill !== null && c.start >= kill.at,
+      })),
   };
 }

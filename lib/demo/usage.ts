@@ -9,4 +9,10 @@ export const DEMO_USAGE = `  demo [options]                 the whole E/P/D syst
       --report <file>            HTML report (./epd-demo-report.html; '-' for none)
       --json                     one JSON object on stdout instead of the table
       --seed <n>                 seed of the request mix (1)
+      --metadata <etcd://h:p>    at scale: workers register in etcd, proxies discover them there
+                                 (etcd must be running; the demo says how to start one)
+      --proxies <n>              proxies sharing the instances through etcd; the client balances (1)
+      --netns auto|on|off        with --metadata: each worker in its own network namespace (auto:
+                                 where the host allows it, i.e. root and ip netns)
+      --kill <process>@<n>       fault injection: SIGKILL proxy-1, decode-0, … once n requests completed
 `;

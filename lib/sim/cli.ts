@@ -38,6 +38,12 @@ export async function runWorkerCommand(args: string[]): Promise<number> {
       'block-wait': { type: 'string', default: '30s' },
       'kv-quiesce': { type: 'string', default: '30s' },
       'corrupt-kv': { type: 'string' },
+      metadata: { type: 'string' },
+      'metadata-ttl': { type: 'string' },
+      'engine-name': { type: 'string' },
+      transport: { type: 'string', default: 'auto' },
+      register: { type: 'boolean', default: false },
+      'remote-ec': { type: 'boolean', default: false },
     },
   });
   const role = values.role as SimRole;
@@ -45,6 +51,10 @@ export async function runWorkerCommand(args: string[]): Promise<number> {
     throw new TransferError(`Expected --role encode, prefill, decode or pd but received ${JSON.stringify(values.role ?? null)}`, 'ERR_BAD_ARGUMENT');
   }
   const profile = getProfile(values.model);
+  const transport = values.transport as 'auto' | 'shm' | 'tcp';
+  if (!['auto', 'shm', 'tcp'].includes(transport)) {
+    throw new TransferError(`Expected --transport auto, shm or tcp but received ${JSON.stringify(values.transport)}`, 'ERR_BAD_ARGUMENT');
+  }
   const corruptKv = values['corrupt-kv']?.split(',').map((v) => v.trim()).filter(Boolean);
   const worker = await SimWorker.start({
     role,
@@ -60,6 +70,12 @@ export async function runWorkerCommand(args: string[]): Promise<number> {
     blockWaitMs: parseDuration(values['block-wait'], '--block-wait'),
     kvQuiesceMs: parseDuration(values['kv-quiesce'], '--kv-quiesce'),
     corruptKv,
+    metadata: values.metadata,
+    metadataTtlSeconds: values['metadata-ttl'] === undefined ? undefined : expectInteger(Number(values['metadata-ttl']), '--metadata-ttl', 2, 3600),
+    engineName: values['engine-name'],
+    transport,
+    register: values.register,
+    remoteEmbeddings: values['remote-ec'],
     log,
   });
   const supervised = typeof process.send === 'function';
@@ -90,9 +106,9 @@ export async function runWorkerCommand(args: string[]): Promise<number> {
       process.on('SIGHUP', () => finish('SIGHUP'));
     }
   });
-  const banner = `${simulationLabel(role, profile)}\n${role} worker listening on ${worker.url}${worker.engineAddress ? ` (transfer engine ${worker.engineAddress})` : ''}`;
+  const banner = `${simulationLabel(role, profile)}\n${role} worker listening on ${worker.url}${worker.engineAddress ? ` (transfer engine ${worker.engineAddress})` : ''}${values.register ? ', registered in etcd' : ''}`;
   if (supervised) {
-    process.send!({ type: 'ready', url: worker.url, pid: process.pid, engine: worker.engineAddress ?? null, role });
+    process.send!({ type: 'ready', url: worker.url, pid: process.pid, engine: worker.engineAddress ?? null, engineName: worker.engineName, role });
   } else {
     console.log(banner);
   }

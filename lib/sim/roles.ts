@@ -190,26 +190,35 @@ async function loadEmbeddings(ctx: RoleContext, call: Call): Promise<void> {
     }
     // Checked before the arena is reused by the next load.
     let loadedBytes = 0;
+    let pulled = 0;
+    let pulledBytes = 0;
+    const remote = new Set(meta.items.filter((it) => it.holder !== undefined).map((it) => it.mmHash));
     for (const mmHash of finished.loaded) {
       const buffer = destinations.get(mmHash)!;
       const at = findMismatch(buffer, embeddingKey(mmHash));
       if (at >= 0) throw new HttpError(`embedding ${mmHash} loaded from the encoder cache differs at byte ${at}`, 'ERR_INTEGRITY', 500);
       loadedBytes += buffer.length;
+      if (remote.has(mmHash)) {
+        pulled++;
+        pulledBytes += buffer.length;
+      }
     }
-    return { loaded: finished.loaded, loadedBytes, loadMs };
+    return { loaded: finished.loaded, loadedBytes, loadMs, pulled, pulledBytes };
   };
   const turn = ctx.ecTurn.then(step);
   ctx.ecTurn = turn.then(
     () => undefined,
     () => undefined,
   );
-  const { loaded: loadedKeys, loadedBytes, loadMs } = await turn;
+  const { loaded: loadedKeys, loadedBytes, loadMs, pulled, pulledBytes } = await turn;
   const loaded = new Set(loadedKeys);
   const missing = images.filter((i) => !loaded.has(i.mmHash));
   ctx.ec.loaded += loadedKeys.length;
   ctx.ec.loadedBytes += loadedBytes;
   ctx.ec.verifiedBytes += loadedBytes;
   ctx.ec.loadMs += loadMs;
+  ctx.ec.pulled += pulled;
+  ctx.ec.pulledBytes += pulledBytes;
   ctx.ec.missed += missing.length;
   // Not in the cache (evicted, or no encoder ran): encode here, as vLLM falls back to.
   if (missing.length > 0) await ctx.runner.compute(missing.reduce((s, i) => s + i.embedding.encodeUs, 0));

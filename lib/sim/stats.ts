@@ -26,6 +26,9 @@ export interface EcCounters {
   missed: number;
   /** Bytes of loaded embeddings checked byte for byte. */
   verifiedBytes: number;
+  /** Prefill/PD: of the loaded embeddings, those pulled from another host's store over the transfer engine, and their bytes. */
+  pulled: number;
+  pulledBytes: number;
 }
 
 /** KV activity of a worker. */
@@ -130,7 +133,7 @@ export class RecordLog {
 
 /** Counters at zero. */
 export function emptyEc(): EcCounters {
-  return { items: 0, hits: 0, encoded: 0, savedBytes: 0, loaded: 0, loadedBytes: 0, loadMs: 0, missed: 0, verifiedBytes: 0 };
+  return { items: 0, hits: 0, encoded: 0, savedBytes: 0, loaded: 0, loadedBytes: 0, loadMs: 0, missed: 0, verifiedBytes: 0, pulled: 0, pulledBytes: 0 };
 }
 
 /** Counters at zero. */

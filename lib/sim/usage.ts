@@ -19,4 +19,12 @@ export const WORKER_USAGE = `  worker --role <role> [options]  a SIMULATED E, P,
                                  its prefill confirms it stopped writing (30s)
       --corrupt-kv <id,...>      fault injection (prefill): corrupt one KV byte of the requests with
                                  these ids (X-Request-Id); decode's byte check must fail them
+      --metadata <etcd://h:p/pfx> publish the transfer engine in etcd (default: embedded handshake)
+      --metadata-ttl <s>         etcd lease TTL: how long a killed worker stays registered (10)
+      --engine-name <name>       the transfer engine's name (sim-<role>-<pid>)
+      --transport auto|shm|tcp   how the engine reaches peers; tcp crosses the network even on one
+                                 host (auto)
+      --register                 register in etcd's instance registry (cluster proxies find it)
+      --remote-ec                encoder cache across hosts: encoders serve their store and announce
+                                 it in etcd; prefill/pd pull what they lack (needs --metadata)
 `;

@@ -22,9 +22,13 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import type { AddressInfo } from 'node:net';
 import { performance } from 'node:perf_hooks';
 import { ECConnector } from '../ec/connector.js';
+import { EncoderCacheHost, EncoderCacheRemote } from '../ec/remote.js';
 import { EncoderCacheStore } from '../ec/store.js';
-import { TransferEngine } from '../engine.js';
+import { TransferEngine, type TransportChoice } from '../engine.js';
 import { TransferError } from '../errors.js';
+import { EtcdEncoderCacheIndex } from '../meta/ec-index.js';
+import { registerInstance } from '../meta/registry.js';
+import { EtcdMetadataStore } from '../meta/store.js';
 import { LayerwiseReceiver } from '../kv/receiver.js';
 import { LayerwiseSender } from '../kv/sender.js';
 import { badArgument, expectInteger, expectString } from '../validate.js';
@@ -71,6 +75,25 @@ export interface SimWorkerOptions {
   transferSecret?: string;
   /** Fault injection (prefill): corrupt one byte of the KV of the requests with these ids. */
   corruptKv?: readonly string[];
+  /**
+   * Metadata of the transfer engine: `etcd://host:port[/prefix]` publishes it in etcd
+   * (docs/METADATA.md). Default: the embedded handshake.
+   */
+  metadata?: string;
+  /** etcd lease TTL (s): how long a killed worker stays registered. Default 10. */
+  metadataTtlSeconds?: number;
+  /** The transfer engine's name (peers and the registry see it). Default `sim-<role>-<pid>`. */
+  engineName?: string;
+  /** How the engine reaches peers (`tcp` forces the network even on one host). Default `auto`. */
+  transport?: TransportChoice;
+  /** With etcd metadata: register in the instance registry (lib/meta/registry.ts) so cluster proxies find it. */
+  register?: boolean;
+  /**
+   * With etcd metadata: the encoder cache spans hosts. An encoder serves its store to
+   * other hosts and announces its keys in the etcd index; prefill/PD pull embeddings
+   * they lack from the holders (lib/ec/remote.ts) instead of sharing one store.
+   */
+  remoteEmbeddings?: boolean;
   /** Operational messages. */
   log?: (message: string) => void;
 }
@@ -96,6 +119,8 @@ export class SimWorker {
   private state: 'starting' | 'serving' | 'closing' = 'starting';
   private closing: Promise<void> | undefined;
   private baseUrl = '';
+  private registration: { close(): Promise<void> } | undefined;
+  private ecHost: EncoderCacheHost | undefined;
 
   private constructor(
     readonly role: SimRole,
@@ -119,18 +144,38 @@ export class SimWorker {
     const undo = async () => {
       for (const close of opened.reverse()) await Promise.resolve(close()).catch(() => {});
     };
+    const etcd = options.metadata !== undefined && /^etcd:\/\//.test(options.metadata);
+    if ((options.register || options.remoteEmbeddings) && !etcd) {
+      badArgument('options.metadata', 'an etcd:// URL (register and remoteEmbeddings need etcd)', options.metadata);
+    }
+    const remoteEmbeddings = options.remoteEmbeddings === true && role !== 'decode';
     try {
       const engine = await TransferEngine.open({
-        name: `sim-${role}-${process.pid}`,
+        name: options.engineName ?? `sim-${role}-${process.pid}`,
         host,
-        listen: role === 'decode',
+        // A remote pull is written by the holder into the puller: both ends listen.
+        listen: role === 'decode' || remoteEmbeddings,
         secret: options.transferSecret,
+        transport: options.transport,
+        metadata: options.metadata,
+        metadataOptions: options.metadataTtlSeconds === undefined ? undefined : { ttlSeconds: options.metadataTtlSeconds },
       });
       opened.push(() => engine.close());
       let store: EncoderCacheStore | undefined;
+      let ecHost: EncoderCacheHost | undefined;
+      let ecRemote: EncoderCacheRemote | undefined;
       if (role !== 'decode') {
         store = await EncoderCacheStore.open({ name: options.ecStore ?? 'epd-sim', capacity: options.ecCapacity ?? 2 * 1024 ** 3 });
         opened.push(() => store!.close());
+        if (remoteEmbeddings) {
+          const index = EtcdEncoderCacheIndex.forEngine(engine);
+          if (role === 'encode') {
+            ecHost = await EncoderCacheHost.serve(engine, store, { directory: index });
+            opened.push(() => ecHost!.close());
+          } else {
+            ecRemote = new EncoderCacheRemote(engine, index);
+          }
+        }
       }
       let cache: SimKvCache | undefined;
       if (role !== 'encode') {
@@ -160,8 +205,8 @@ export class SimWorker {
         runner,
         cache,
         store,
-        ecScheduler: role === 'prefill' || role === 'pd' ? new ECConnector({ role: 'scheduler', store: store!, transferRole: 'consumer' }) : undefined,
-        ecWorker: store && new ECConnector({ role: 'worker', store, transferRole: role === 'encode' ? 'producer' : 'consumer' }),
+        ecScheduler: role === 'prefill' || role === 'pd' ? new ECConnector({ role: 'scheduler', store: store!, transferRole: 'consumer', remote: ecRemote }) : undefined,
+        ecWorker: store && new ECConnector({ role: 'worker', store, transferRole: role === 'encode' ? 'producer' : 'consumer', remote: ecRemote, host: ecHost }),
         sender,
         traces,
         receiver,
@@ -189,8 +234,15 @@ export class SimWorker {
           resolve();
         });
       });
+      opened.push(() => new Promise<void>((resolve) => worker.server.close(() => resolve())));
       const { port: bound } = worker.server.address() as AddressInfo;
       worker.baseUrl = `http://${host.includes(':') ? `[${host}]` : host}:${bound}`;
+      worker.ecHost = ecHost;
+      if (options.register) {
+        // Under the engine's lease: the registration dies with the engine (or the process).
+        const session = (engine.metadata as EtcdMetadataStore).session;
+        worker.registration = await registerInstance(options.metadata!, { role, url: worker.baseUrl, model: ctx.model, engine: engine.name }, { session });
+      }
       worker.state = 'serving';
       return worker;
     } catch (err) {
@@ -207,6 +259,11 @@ export class SimWorker {
   /** Decode: the transfer engine's control address prefill connects to. */
   get engineAddress(): string | undefined {
     return this.ctx.engine.address;
+  }
+
+  /** The transfer engine's name. */
+  get engineName(): string {
+    return this.ctx.engine.name;
   }
 
   /** Counters; with `drain`, also the per-request records since the last drain. */
@@ -244,6 +301,8 @@ export class SimWorker {
   close(graceMs = 5_000): Promise<void> {
     this.closing ??= (async () => {
       this.state = 'closing';
+      // Leave the registry first: proxies stop routing here while in-flight requests finish.
+      await this.registration?.close().catch(() => {});
       const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
       this.server.closeIdleConnections();
       const started = Date.now();
@@ -260,6 +319,7 @@ export class SimWorker {
       await Promise.allSettled([...ctx.pending]);
       await ctx.runner.close();
       await ctx.cache?.close();
+      await this.ecHost?.close();
       await ctx.store?.close();
       await ctx.engine.close();
       this.log(`${this.role} worker stopped`);
