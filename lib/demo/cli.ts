@@ -61,7 +61,11 @@ export function formatSummary(s: DemoSummary): string {
     ['requests', `${s.requests}, ${s.errors} error${s.errors === 1 ? '' : 's'}${s.interrupted ? ` (interrupted; ${s.cancelled} cancelled)` : ''}   ${s.concurrency} in flight, ${s.durationS.toFixed(1)} s, ${s.requestsPerSec.toFixed(2)} req/s`],
     ['TTFT p50 / p99', `${fmt(s.ttftP50Ms)} / ${fmt(s.ttftP99Ms)} ms   text ${fmt(k.text.ttftP50Ms, 0)}, new image ${fmt(k.image.ttftP50Ms, 0)}, repeated image ${fmt(k['image-repeat'].ttftP50Ms, 0)} ms (p50)`],
     ['inter-token p50 / p99', `${fmt(s.itlP50Ms)} / ${fmt(s.itlP99Ms)} ms`],
-    ['EC bytes (E → P)', `${gb(s.bytes.ec)} loaded from the shared cache at ${fmt(s.ecGBps, 2)} GB/s; ${gb(s.bytes.ecSaved)} saved by encoders; ${gb(s.verifiedBytes.ec)} checked`],
+    [
+      'EC bytes (E → P)',
+      `${gb(s.bytes.ec)} loaded ${s.bytes.ecPulled > 0 ? `(${gb(s.bytes.ecPulled)} pulled from the encoders' hosts)` : 'from the shared cache'} at ${fmt(s.ecGBps, 2)} GB/s; ` +
+        `${gb(s.bytes.ecSaved)} saved by encoders; ${gb(s.verifiedBytes.ec)} checked`,
+    ],
     [
       'KV bytes (P → D)',
       s.topology === '1e1pd'

@@ -303,6 +303,12 @@ async function send(request: LoadRequest, options: LoadOptions): Promise<ClientR
 }
 
 function describe(err: unknown): string {
-  if (err instanceof OpenAI.APIError) return `${err.status ?? 'stream'}: ${err.message}`;
-  return err instanceof Error ? err.message : String(err);
+  if (err instanceof OpenAI.APIError && err.status !== undefined) return `${err.status}: ${err.message}`;
+  // A connection cut mid-stream says only "terminated": name the cause too.
+  const parts: string[] = [];
+  for (let e = err as { message?: string; code?: string; cause?: unknown } | undefined, depth = 0; e && depth < 4; e = e.cause as typeof e, depth++) {
+    const text = e.message ?? String(e);
+    if (!parts.includes(text)) parts.push(e.code && !text.includes(e.code) ? `${text} (${e.code})` : text);
+  }
+  return parts.join(': ') || String(err);
 }

@@ -5,7 +5,7 @@
  * latency plots. Charts are drawn here as SVG: a charting library would have to
  * be inlined into the file (hundreds of kilobytes) to keep it self-contained.
  */
-import type { DemoSummary, RequestTimeline } from './summary.js';
+import type { DemoSummary, RequestTimeline, ScaleSummary } from './summary.js';
 import type { RequestKind } from './load.js';
 
 /** What the report shows besides the summary. */
@@ -244,6 +244,21 @@ function row(label: string, value: string, note = ''): string {
   return `<tr><th>${esc(label)}</th><td>${esc(value)}</td><td class="note">${esc(note)}</td></tr>`;
 }
 
+/** The cluster part of the report (`--metadata`). */
+function scaleSection(c: ScaleSummary): string {
+  const network = c.network.mode === 'netns' ? `one network namespace per worker on ${c.network.subnet}` : `loopback (${c.network.reason})`;
+  return `<h2>Cluster</h2>
+<table>
+${row('etcd', c.metadata, c.etcdKeysLeft === null ? '' : `${c.etcdKeysLeft} keys left after the run`)}
+${row('network', network)}
+${row('KV path', c.paths.kv)}
+${row('embedding path', c.paths.embeddings)}
+${c.proxies.map((p) => row(p.name, `${p.requests} requests, ${p.errors} failed${p.killed ? ' (killed)' : ''}`, p.staleness ? `shared-load staleness p50 ${p.staleness.p50} ms, p99 ${p.staleness.p99} ms, max ${p.staleness.max} ms (${p.staleness.samples} samples)` : '')).join('\n')}
+${row('routed to', Object.entries(c.instances).map(([n, k]) => `${n} ${k}`).join(', '), 'hops per instance, from the proxies\' timelines')}
+${c.kill ? row('fault', `${c.kill.target} killed after ${c.kill.afterRequests} requests`, `${c.failures.filter((f) => f.inFlightAtKill).length} in flight failed; ${c.failures.filter((f) => f.sentAfterKill).length} sent afterwards failed; ${c.failovers} refused connections went to the next proxy`) : ''}
+</table>`;
+}
+
 /** The report as one HTML document. */
 export function renderReport(input: ReportInput): string {
   const s = input.summary;
@@ -299,6 +314,7 @@ ${row('EC bytes', `${bytes(s.bytes.ec)} loaded by P/PD`, `${bytes(s.bytes.ecSave
 ${row('KV bytes', `${bytes(s.bytes.kv)} pushed P → D`, `${bytes(s.verifiedBytes.kv)} checked byte for byte by D (${s.kvVerifyFailures} failed); ${fmt(s.kvGBps, 2, ' GB/s')} while writing`)}
 ${row('layerwise exposed tail p50 / p99', `${fmt(s.exposedTailP50Ms, 2)} / ${fmt(s.exposedTailP99Ms, 2)} ms`, "from the last layer's compute to decode holding all KV")}
 </table>
+${s.scale ? scaleSection(s.scale) : ''}
 
 <h2>Timeline</h2>
 <p>One row per request${t.length > TIMELINE_ROWS ? ` (the first ${TIMELINE_ROWS} of ${t.length})` : ''}. Thin grey: the client waiting; purple: the encoder; teal: prefill loading the embedding from the shared cache; orange: prefill compute (upper half) with each layer's KV push in blue (lower half); green: decode streaming; ◆ first token; ✕ failure. Hover for numbers.</p>

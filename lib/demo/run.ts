@@ -285,8 +285,9 @@ export async function runDemo(o: DemoOptions): Promise<DemoSummary> {
           if (!o.kill || ++completed !== o.kill.after) return;
           // Further sends wait until the target is dead: every later request meets the system without it.
           const target = children.find((c) => c.name === o.kill!.target)!;
+          const at = epochMs();
           return supervisor.kill(target).then(() => {
-            kill = { target: target.name, afterRequests: o.kill!.after, pid: target.ready.pid, at: epochMs() };
+            kill = { target: target.name, afterRequests: o.kill!.after, pid: target.ready.pid, at, exitedAt: epochMs() };
             o.log(`killed ${target.name} (pid ${target.ready.pid}, SIGKILL) after request ${o.kill!.after} completed`);
           });
         },

@@ -39,13 +39,15 @@ export interface ScaleSetup {
 
 /** The error a demo gives when etcd does not answer, with how to start one. */
 export function etcdUnavailable(url: string, cause: unknown): TransferError {
-  const { hosts } = parseEtcdUrl(url);
-  const endpoint = hosts[0].slice('http://'.length);
-  const reason = (cause as Error)?.message ?? String(cause);
+  const endpoint = parseEtcdUrl(url).hosts[0].slice('http://'.length);
+  const standard = endpoint === '127.0.0.1:2379' || endpoint === 'localhost:2379';
+  const command = standard
+    ? 'etcd --data-dir /tmp/epd-etcd &'
+    : `etcd --data-dir /tmp/epd-etcd --listen-client-urls http://${endpoint} --advertise-client-urls http://${endpoint} &`;
   return new TransferError(
-    `no etcd answers at ${hosts.map((h) => h.slice('http://'.length)).join(',')} (${reason}). Start one first:\n` +
-      `  etcd --data-dir /tmp/epd-etcd --listen-client-urls http://${endpoint} --advertise-client-urls http://${endpoint} &\n` +
-      '(Debian/Ubuntu: apt-get install etcd-server, which installs /usr/bin/etcd; stop it with kill %1 and rm -rf /tmp/epd-etcd)',
+    `${(cause as Error)?.message ?? String(cause)}\n` +
+      `The demo at scale needs a running etcd. Start one, then run the demo again:\n  ${command}\n` +
+      'No etcd binary? apt-get install etcd-server (Debian/Ubuntu; it installs /usr/bin/etcd). Afterwards: kill %1; rm -rf /tmp/epd-etcd',
     'ERR_METADATA_UNAVAILABLE',
     { cause },
   );

@@ -139,7 +139,8 @@ export interface ScaleSummary {
   instances: Record<string, number>;
   /** Requests whose connection a proxy refused, sent on to the next one (the client's load balancing). */
   failovers: number;
-  kill: { target: string; afterRequests: number; pid: number; at: number } | null;
+  /** The injected fault: SIGKILL sent `at`, the process gone at `exitedAt` (epoch ms); no request was sent in between. */
+  kill: { target: string; afterRequests: number; pid: number; at: number; exitedAt: number } | null;
   failures: FailedRequest[];
 }
 
@@ -395,7 +396,7 @@ export function summarizeScale(input: {
         start: c.start,
         end: c.end,
         inFlightAtKill: kill !== null && c.start < kill.at && c.end >= kill.at,
-        sentAfterKill: kill !== null && c.start >= kill.at,
+        sentAfterKill: kill !== null && c.start >= kill.exitedAt,
       })),
   };
 }
