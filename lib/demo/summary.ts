@@ -369,7 +369,7 @@ export function summarizeScale(input: {
           ? 'none moved'
           : input.kvOverNetwork
             ? `tcp between network namespaces, through veth pairs and a bridge (${input.network.subnet})`
-            : 'the transfer engine between processes of one host (shared memory where the engines find each other on the same host)',
+            : "the transfer engine's shm transport (every worker on this host; 'auto' picks shared memory for a peer with the same boot id)",
       embeddings:
         ec === 0
           ? 'none loaded'
