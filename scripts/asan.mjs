@@ -35,7 +35,7 @@ const NATIVE_TESTS = [
   'test/tcp/transfer.test.ts',
   'test/tcp/faults.test.ts',
   'test/tcp/link.test.ts',
-  // incoming peer lost (engine.onPeerLost is test/engine): grants revoked while a killed prefill's writes land.
+  // a prefill killed mid-push over tcp: its grant is revoked and its data connections cut (onPeerLost itself is in test/engine).
   'test/kv/prefill-lost.test.ts',
 ];
 const REPORT_PATTERN = /ERROR: AddressSanitizer|ERROR: LeakSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer/;

@@ -27,8 +27,8 @@ async function decode() {
   return { engine, side, receiver };
 }
 
-function prefill(name: string, seed: number): Promise<KvProcess> {
-  return startKvProcess('kv-prefill.mjs', { geometry: fixtureGeometry(SMALL, 'prefill'), seed, engine: { name } });
+function prefill(name: string, seed: number, transport: 'auto' | 'tcp' = 'auto'): Promise<KvProcess> {
+  return startKvProcess('kv-prefill.mjs', { geometry: fixtureGeometry(SMALL, 'prefill'), seed, engine: { name, transport } });
 }
 
 /** Starts a request on a prefill process and pushes its first `layers` layers, acknowledged by decode. */
@@ -42,7 +42,8 @@ it(
   'prefill SIGKILLed mid-push: its request fails ERR_PEER_LOST well before the deadline; another prefill’s request completes byte for byte',
   async () => {
     const { engine, side, receiver } = await decode();
-    const [victim, survivor] = await Promise.all([prefill('prefill-victim', 11), prefill('prefill-survivor', 12)]);
+    // The victim pushes over tcp (its grant is revoked when it dies), the survivor over shm.
+    const [victim, survivor] = await Promise.all([prefill('prefill-victim', 11, 'tcp'), prefill('prefill-survivor', 12)]);
     const lostBlocks = [7, 8, 9, 10];
     const keptBlocks = [20, 21, 22];
     const lost = track(receiver.expect('victim-req', { blocks: lostBlocks, deadlineMs: DEADLINE_MS }));
