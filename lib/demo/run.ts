@@ -12,6 +12,12 @@
  *    worker's counters and records, and writes the HTML report.
  * 4. Stops every process (orderly, with deadlines, then by force) and closes the
  *    cache — nothing is left running and nothing in /dev/shm.
+ *
+ * With `metadata` (the demo at scale, lib/demo/scale.ts) the workers register in
+ * etcd under a run-unique prefix, in network namespaces where the host allows it,
+ * and N cluster-mode proxies discover them; the load is balanced over the proxies
+ * (lib/demo/load.ts), and `kill` injects a process death mid-run. Namespaces,
+ * relay and the run's etcd keys are removed on every exit path.
  */
 import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
@@ -286,10 +292,13 @@ export async function runDemo(o: DemoOptions): Promise<DemoSummary> {
           // Further sends wait until the target is dead: every later request meets the system without it.
           const target = children.find((c) => c.name === o.kill!.target)!;
           const at = epochMs();
-          return supervisor.kill(target).then(() => {
-            kill = { target: target.name, afterRequests: o.kill!.after, pid: target.ready.pid, at, exitedAt: epochMs() };
-            o.log(`killed ${target.name} (pid ${target.ready.pid}, SIGKILL) after request ${o.kill!.after} completed`);
-          });
+          return supervisor.kill(target).then(
+            () => {
+              kill = { target: target.name, afterRequests: o.kill!.after, pid: target.ready.pid, at, exitedAt: epochMs() };
+              o.log(`killed ${target.name} (pid ${target.ready.pid}, SIGKILL) after request ${o.kill!.after} completed`);
+            },
+            (err: Error) => o.log(`--kill ${target.name}: ${err.message}`),
+          );
         },
       });
     } finally {
