@@ -17,6 +17,11 @@
  *   mid-push fails its request at once (ERR_PEER_LOST from the receiver), not at
  *   the KV deadline, and the request's blocks are freed right away.
  * - pd: embeddings, prefill and decode in one instance, nothing pushed.
+ *
+ * With `remoteEmbeddings` (lib/sim/worker.ts) the store is the worker's own: the
+ * encoder's ECConnector announces each save in the etcd index, and prefill/PD's
+ * connectors pull an item they lack from its holder over the transfer engine
+ * (counted as `ec.pulled`).
  */
 import type { ServerResponse } from 'node:http';
 import { performance } from 'node:perf_hooks';

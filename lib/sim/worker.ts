@@ -106,7 +106,7 @@ const BODY_LIMIT = 64 << 20;
 export function simulationLabel(role: SimRole, profile: ModelProfile): string {
   return (
     `SIMULATION: ${role} instance of ${profile.name} — compute times derived from the model profile for a ${REFERENCE_ACCELERATOR.name}; ` +
-    'embeddings and KV are real bytes in shared memory, moved and checked by epd-transfer'
+    'embeddings and KV are real bytes, moved (shared memory or tcp) and checked by epd-transfer'
   );
 }
 
