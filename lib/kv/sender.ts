@@ -8,6 +8,9 @@
  * decode instance's blocks while the next layer computes. Requests going to the
  * same decode instance are fused into one batch per layer; each decode instance
  * has its own lane, so a slow or dead one delays or fails only its own requests.
+ * When layers are ready faster than a lane's writes complete, the layers already
+ * waiting in the lane go out as one batch with one notice (capped; see
+ * docs/LAYERWISE.md, "Layer fusing"); decode still learns each layer, in order.
  *
  * ```ts
  * const sender = new LayerwiseSender(engine, layout);
