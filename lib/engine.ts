@@ -167,6 +167,25 @@ export interface TransferResult {
   descriptors: number;
 }
 
+/**
+ * A peer that had connected to this engine (its control connection came in here) is
+ * gone: the connection closed or broke. See {@link TransferEngine.onPeerLost}.
+ */
+export interface PeerLostEvent {
+  /** The peer engine's name, as its HELLO gave it. */
+  name: string;
+  /**
+   * The connection's id on this engine, the same as `context.session.id` in the
+   * {@link TransferEngine.handle} handlers that served it. Unique per connection: a
+   * peer that reconnects, or a restarted process under the same name, has another.
+   */
+  session: string;
+  /** "host:port" the connection came from. */
+  address: string;
+  /** ERR_PEER_LOST; the message says whether the connection was closed or broke, and how. */
+  error: TransferError;
+}
+
 /** A region of a connected peer. */
 export interface RemoteRegion {
   id: number;
@@ -444,6 +463,7 @@ export class TransferEngine {
   private readonly inflight = new Set<Promise<unknown>>();
   private readonly peers = new Map<string, Peer>();
   private readonly handlers = new Map<string, RequestHandler>();
+  private readonly peerLostListeners = new Set<(event: PeerLostEvent) => void>();
   private readonly bootId = readBootId();
   private readonly registry = new FinalizationRegistry<number>((id) => {
     // Wait for batches in flight: a DescriptorBatch names the region by id only.
@@ -543,7 +563,7 @@ export class TransferEngine {
           describe: (session) => engine.describe(session),
           handlers: engine.handlers,
           secret: resolved.secret,
-          onSessionEnd: (session) => engine.endSession(session),
+          onSessionEnd: (session, cause) => engine.endSession(session, cause),
         });
         await store.publish(engine.segmentRecord());
         engine.published = true;
@@ -783,6 +803,27 @@ export class TransferEngine {
     };
   }
 
+  /**
+   * Calls `listener` once for each peer that connected to this engine (the control
+   * connection it opened here: the prefill pushing into this decode engine) when
+   * that connection closes or breaks — the peer disconnected, its process died, or
+   * keep-alive probes went unanswered. Its tcp data connections lose their grant at
+   * the same moment. Only connections that completed the handshake count, and
+   * nothing is reported once `close()` has released the engine. Peers this engine
+   * connected to report their loss through {@link Peer.lost} instead. Returns a
+   * function that removes the listener.
+   */
+  onPeerLost(listener: (event: PeerLostEvent) => void): () => void {
+    this.assertOpen();
+    if (typeof listener !== 'function') badArgument('listener', 'a function', listener);
+    // Each registration is its own: the same function twice is called twice, removed one at a time.
+    const entry = (event: PeerLostEvent) => listener(event);
+    this.peerLostListeners.add(entry);
+    return () => {
+      this.peerLostListeners.delete(entry);
+    };
+  }
+
   /** Writes (pushes) local bytes into the peer's regions. Resolves once every byte landed. */
   write(peer: Peer, batch: Descriptor[] | DescriptorBatch, options?: TransferOptions): Promise<TransferResult> {
     return this.transfer(0, peer, batch, options, new Error());
@@ -818,6 +859,7 @@ export class TransferEngine {
       if (this.ownsStore) await this.store.close().catch(() => {});
       else if (this.published) await this.store.unpublish(this.name).catch(() => {});
       this.closed = true;
+      this.peerLostListeners.clear();
       this.native.close();
       openOnExit.delete(this.exitRef);
       for (const peer of this.peers.values()) peer.disconnect();
@@ -909,9 +951,27 @@ export class TransferEngine {
     return segment;
   }
 
-  private endSession(session: ControlSession): void {
-    if (!this.closed) this.hccl?.endSession(session);
-    if (session.grant && !this.closed) this.native.tcpRevoke(Buffer.from(session.grant, 'hex'));
+  private endSession(session: ControlSession, cause: Error | undefined): void {
+    if (this.closed) return; // close() released everything, and listeners hear nothing after it
+    this.hccl?.endSession(session);
+    if (session.grant) this.native.tcpRevoke(Buffer.from(session.grant, 'hex'));
+    const how = cause ? `broke (${(cause as NodeJS.ErrnoException).code ?? cause.message})` : 'closed';
+    const event: PeerLostEvent = {
+      name: session.peer,
+      session: session.id,
+      address: session.address,
+      error: new TransferError(`control connection from peer '${session.peer}' (${session.address}) ${how}`, 'ERR_PEER_LOST', cause ? { cause } : undefined),
+    };
+    for (const listener of [...this.peerLostListeners]) {
+      try {
+        listener(event);
+      } catch (err) {
+        // Like an EventEmitter listener's throw, but the other listeners still hear of it.
+        process.nextTick(() => {
+          throw err;
+        });
+      }
+    }
   }
 
   /** A batch found the peer gone (data connection lost or broken, injected drop): the whole peer goes, so connect() replaces it. */

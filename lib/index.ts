@@ -1,6 +1,6 @@
 /** epd-transfer: move KV-cache layers and encoder embeddings between E/P/D processes. */
 export { TransferEngine, Region, Peer, DescriptorBatch } from './engine.js';
-export type { EngineOptions, ConnectOptions, TransportChoice, MooncakeOptions, TransferOptions, TransferResult, RemoteRegion, Descriptor, EngineCounters } from './engine.js';
+export type { EngineOptions, ConnectOptions, TransportChoice, MooncakeOptions, TransferOptions, TransferResult, RemoteRegion, Descriptor, EngineCounters, PeerLostEvent } from './engine.js';
 export { Device, DeviceStream, DeviceEvent } from './device.js';
 export type { DeviceAllocation } from './device.js';
 export { TransferError, isTransferError } from './errors.js';
@@ -8,6 +8,7 @@ export type { ErrorCode } from './errors.js';
 export { probe, vendorBackends } from './probe.js';
 export type { ProbeResult, BackendStatus } from './probe.js';
 export { WIRE_VERSION } from './meta/wire.js';
+export type { RequestHandler, RequestContext, ControlSession } from './meta/handshake.js';
 export { parseBytes, formatBytes } from './validate.js';
 export { linkSchedule, parseBandwidth, parseMicros } from './link.js';
 export type { LinkOptions, LinkFaults } from './link.js';

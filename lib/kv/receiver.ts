@@ -18,8 +18,9 @@
  * ```
  */
 import { EventEmitter } from 'node:events';
-import type { TransferEngine } from '../engine.js';
+import type { PeerLostEvent, TransferEngine } from '../engine.js';
 import { TransferError, type ErrorCode } from '../errors.js';
+import type { RequestContext } from '../meta/handshake.js';
 import { badArgument, expectInteger, expectObject, expectOptionalObject, expectString, expectTimeout } from '../validate.js';
 import { RegionReader } from './checksum.js';
 import { KvLayout } from './layout.js';
@@ -97,6 +98,8 @@ export interface LayerwiseReceiverStats {
 
 interface SenderInfo {
   session: string;
+  /** The control connection its hello came on (engine session id). */
+  connection: string | undefined;
   blockSize: number;
   ratio: number;
   lastSeq: number;
@@ -122,6 +125,8 @@ interface RequestState {
   waiters: Map<number, Array<{ resolve(): void; reject(err: Error): void }>>;
   done: Set<string>;
   quiesced: Set<string>;
+  /** Control connection (engine session id) → senders whose layers of this request came on it. */
+  connections: Map<string, Set<string>>;
   chunks: number;
   verified: number;
   timer: NodeJS.Timeout | undefined;
@@ -168,15 +173,16 @@ export class LayerwiseReceiver extends EventEmitter {
       if (t.region.engine !== engine) badArgument('layout', 'a KvLayout over regions of this engine', layout);
     }
     this.reader = new RegionReader((target, ptr) => engine.device.read(target, ptr));
-    const handlers: Array<[string, (body: unknown) => unknown]> = [
-      [TOPIC_HELLO, (b) => this.onHello(b)],
-      [TOPIC_LAYER, (b) => this.onLayer(b)],
+    const handlers: Array<[string, (body: unknown, context: RequestContext) => unknown]> = [
+      [TOPIC_HELLO, (b, c) => this.onHello(b, c)],
+      [TOPIC_LAYER, (b, c) => this.onLayer(b, c)],
       [TOPIC_DONE, (b) => this.onDone(b)],
       [TOPIC_FAILED, (b) => this.onFailed(b)],
     ];
     this.removers = [];
     try {
       for (const [topic, handler] of handlers) this.removers.push(engine.handle(topic, handler));
+      this.removers.push(engine.onPeerLost((e) => this.onPeerLost(e)));
     } catch (err) {
       for (const remove of this.removers) remove();
       throw err;
@@ -218,7 +224,7 @@ export class LayerwiseReceiver extends EventEmitter {
     const req: RequestState = {
       id, blocks, senders, cachedTokens, status: 'pending', failure: null,
       progress: new Map(), expanded: new Map(), finals: Array.from({ length: L }, () => new Set<string>()),
-      arrived: new Array<boolean>(L).fill(false), waiters: new Map(), done: new Set(), quiesced: new Set(),
+      arrived: new Array<boolean>(L).fill(false), waiters: new Map(), done: new Set(), quiesced: new Set(), connections: new Map(),
       chunks: 0, verified: 0, timer: undefined, quiesceTimer: undefined, settledWaiters: [], isSettled: false, resolve, reject,
     };
     req.timer = setTimeout(() => {
@@ -298,7 +304,7 @@ export class LayerwiseReceiver extends EventEmitter {
 
   // ---- handlers --------------------------------------------------------------------------------
 
-  private onHello(raw: unknown): HelloReply {
+  private onHello(raw: unknown, context: RequestContext): HelloReply {
     const b = expectObject(raw, 'hello');
     const sender = expectString(b.sender, 'hello.sender');
     const session = expectString(b.session, 'hello.session');
@@ -326,7 +332,9 @@ export class LayerwiseReceiver extends EventEmitter {
       });
     });
     const known = this.senders.get(sender);
-    if (!known || known.session !== session) this.senders.set(sender, { session, blockSize, ratio, lastSeq: 0 });
+    const connection = context.session?.id;
+    if (!known || known.session !== session) this.senders.set(sender, { session, connection, blockSize, ratio, lastSeq: 0 });
+    else known.connection = connection;
     return { layout: this.layout.describe(), windowBytes: this.windowBytes, version: KV_PROTOCOL_VERSION };
   }
 
@@ -338,7 +346,7 @@ export class LayerwiseReceiver extends EventEmitter {
     return [sender, info];
   }
 
-  private onLayer(raw: unknown): LayerReply {
+  private onLayer(raw: unknown, context: RequestContext): LayerReply {
     const b = expectObject(raw, 'layer notice');
     const from = this.senderOf(b);
     const seq = expectInteger(b.seq, 'seq', 1);
@@ -369,6 +377,7 @@ export class LayerwiseReceiver extends EventEmitter {
         if (e.done !== undefined) done.push({ id, ...this.doneAfterSettled(id, req) });
         continue;
       }
+      this.attribute(req!, sender, context);
       this.onEntries(req!, sender, info, layer, layers, e);
       if (!req!.failure && e.done !== undefined) {
         const d = expectObject(e.done, 'entry.done');
@@ -516,7 +525,43 @@ export class LayerwiseReceiver extends EventEmitter {
     return { ok: true };
   }
 
+  /**
+   * A prefill engine's control connection to this engine closed or broke: nothing
+   * more comes from it. Every pending request one of its senders had begun and not
+   * finished (DONE) fails ERR_PEER_LOST now instead of at its deadline; the rest —
+   * other senders, the same name on a newer connection — are untouched. Its senders
+   * count as stopped for `settled()`: the process is gone, or its engine dropped us
+   * and the connection's tcp grant is revoked.
+   */
+  private onPeerLost(e: PeerLostEvent): void {
+    for (const [name, info] of this.senders) {
+      if (info.connection === e.session) this.senders.delete(name);
+    }
+    for (const req of [...this.requests.values()]) {
+      const senders = req.connections.get(e.session);
+      if (!senders) continue;
+      req.connections.delete(e.session);
+      const unfinished = [...senders].filter((s) => !req.done.has(s));
+      for (const s of senders) req.quiesced.add(s);
+      if (req.status === 'pending' && unfinished.length > 0) {
+        const who = unfinished.map((s) => `'${s}'`).join(', ');
+        this.failRequest(req, 'ERR_PEER_LOST', `sender ${who} of request '${req.id}' is gone before DONE: ${e.error.message}`);
+      } else if (req.status === 'failed' && req.quiesced.size >= req.senders) {
+        this.settle(req);
+      }
+    }
+  }
+
   // ---- state -----------------------------------------------------------------------------------
+
+  /** Remembers which control connection carries this sender's part of the request. */
+  private attribute(req: RequestState, sender: string, context: RequestContext): void {
+    const connection = context.session?.id;
+    if (connection === undefined) return;
+    let senders = req.connections.get(connection);
+    if (!senders) req.connections.set(connection, (senders = new Set()));
+    senders.add(sender);
+  }
 
   /** Why an entry for `id` is refused, or null if the request accepts it. */
   private refusalFor(id: string, req: RequestState | undefined): Refusal | null {

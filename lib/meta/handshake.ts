@@ -19,8 +19,15 @@ export interface RequestContext {
 
 /** One accepted, authenticated control connection; the engine hangs per-peer state (a tcp grant) on it. */
 export interface ControlSession {
+  /**
+   * Unique per accepted connection (random): a peer that reconnects, or a restarted
+   * process that reuses the name, comes back under another id.
+   */
+  readonly id: string;
   /** The peer's engine name, from its HELLO. */
   peer: string;
+  /** Where the connection came from, "host:port". */
+  readonly address: string;
   /** The tcp grant the engine gave this connection (hex), if any. */
   grant?: string;
 }
@@ -29,6 +36,13 @@ const CLIENT_LABEL = 'epd-transfer control client v2';
 const SERVER_LABEL = 'epd-transfer control server v2';
 /** How long an accepted connection may take to say HELLO and authenticate. */
 const HANDSHAKE_MS = 10_000;
+/** Idle time before TCP keep-alive probes start (both ends), so a peer whose host vanished is noticed. */
+const KEEPALIVE_MS = 1_000;
+
+function remoteAddress(socket: net.Socket): string {
+  const host = socket.remoteAddress ?? 'unknown';
+  return `${host.includes(':') ? `[${host}]` : host}:${socket.remotePort ?? 0}`;
+}
 
 /** HMAC-SHA256 proof over a label and two nonces (docs/WIRE.md, "Authentication"). */
 export function controlProof(secret: Buffer, side: 'client' | 'server', first: Buffer, second: Buffer): Buffer {
@@ -66,8 +80,11 @@ export interface ControlServerOptions {
   handlers?: Map<string, RequestHandler>;
   /** Shared secret: peers must prove it (HMAC challenge-response) before they learn anything. */
   secret?: Buffer;
-  /** A connection that was served a descriptor has closed. */
-  onSessionEnd?(session: ControlSession): void;
+  /**
+   * A connection that was served a descriptor has closed; `cause` is the socket
+   * error that broke it (ECONNRESET, a keep-alive timeout), if any.
+   */
+  onSessionEnd?(session: ControlSession, cause: Error | undefined): void;
 }
 
 /** Serves this engine's segment descriptor on host:port. */
@@ -123,6 +140,10 @@ export class ControlServer {
     let clientNonce: Buffer | null = null;
     let serverNonce: Buffer | null = null;
     let session: ControlSession | null = null;
+    let broken: Error | undefined;
+    // Read now: a closed socket no longer knows its remote end.
+    const address = remoteAddress(socket);
+    const newSession = (peer: string): ControlSession => ({ id: randomBytes(8).toString('hex'), peer, address });
     // A connection that never authenticates must not hold a socket forever.
     const deadline = setTimeout(() => fail('ERR_TIMEOUT', `handshake did not complete within ${HANDSHAKE_MS} ms`), HANDSHAKE_MS);
     deadline.unref();
@@ -134,7 +155,9 @@ export class ControlServer {
     const ready = (peer: string) => {
       clearTimeout(deadline);
       state = 'ready';
-      session = { peer };
+      session ??= newSession(peer);
+      // The peer is known now: a host that vanishes without a FIN must not hold it forever.
+      socket.setKeepAlive(true, KEEPALIVE_MS);
       socket.write(encodeFrame(MessageType.Segment, this.options.describe(session)));
     };
     socket.on('data', (chunk: Buffer) => {
@@ -170,7 +193,7 @@ export class ControlServer {
               proof: controlProof(secret, 'server', clientNonce, serverNonce).toString('base64'),
             }),
           );
-          session = { peer: name };
+          session = newSession(name);
         } else if (f.type === MessageType.Auth && state === 'challenged' && secret && clientNonce && serverNonce) {
           const expected = controlProof(secret, 'client', serverNonce, clientNonce);
           if (!sameBytes(expected, decodeNonce(body.proof))) {
@@ -189,11 +212,14 @@ export class ControlServer {
         }
       }
     });
-    socket.on('error', () => socket.destroy());
+    socket.on('error', (err) => {
+      broken ??= err;
+      socket.destroy();
+    });
     socket.on('close', () => {
       clearTimeout(deadline);
       this.sockets.delete(socket);
-      if (state === 'ready' && session) this.options.onSessionEnd?.(session);
+      if (state === 'ready' && session) this.options.onSessionEnd?.(session, broken);
     });
   }
 
@@ -298,7 +324,7 @@ export class ControlClient {
         client.request(MessageType.Hello, { version: WIRE_VERSION, ...hello, nonce: client.helloNonce!.toString('base64') }),
         timeout,
       ]);
-      socket.setKeepAlive(true, 1000);
+      socket.setKeepAlive(true, KEEPALIVE_MS);
       // Like the server, an idle connection does not keep the process alive (pending
       // requests do, through their timers).
       socket.unref();

@@ -13,7 +13,9 @@
  * - decode: allocates blocks, expects the KV (LayerwiseReceiver), calls the proxy's
  *   /v1/metaserver without blocking anything (with a deadline; a non-2xx answer
  *   fails the request), checks every byte of every layer as it lands, then
- *   generates tokens at the profile's decode-step time.
+ *   generates tokens at the profile's decode-step time. A prefill that dies
+ *   mid-push fails its request at once (ERR_PEER_LOST from the receiver), not at
+ *   the KV deadline, and the request's blocks are freed right away.
  * - pd: embeddings, prefill and decode in one instance, nothing pushed.
  */
 import type { ServerResponse } from 'node:http';

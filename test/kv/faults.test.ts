@@ -1,5 +1,5 @@
-// Layerwise push with prefill and decode in separate processes: a process killed
-// mid-request, and a slow decode that must throttle prefill through its credits.
+// Layerwise push with prefill and decode in separate processes: a process frozen or
+// killed mid-request, and a slow decode that must throttle prefill through its credits.
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
 import { gqaTensors } from '../../lib/kv/layout.js';
@@ -20,7 +20,7 @@ afterEach(async () => {
 type Outcome = { ok: boolean; code?: string; invalidBlockIds?: number[]; result?: { senders: string[] } };
 
 describe('a process dies mid-request', () => {
-  it('prefill killed: decode rejects within its deadline with the invalid blocks; layers that arrived stay reported', async () => {
+  it('prefill frozen (SIGSTOP, connection still open): decode rejects at its deadline with the invalid blocks; layers that arrived stay reported', async () => {
     const D = await openEngine();
     const d = cache(D, SMALL, SMALL.decodeBlockSize, SMALL.decodeBlocks);
     const receiver = new LayerwiseReceiver(D, d.layout, { quiesceMs: 200 });
@@ -34,7 +34,8 @@ describe('a process dies mid-request', () => {
     await prefill.call('add', { requestId: 'orphan', peer: D.address, localBlocks: range(0, 4), remoteBlocks: blocks, tokens: 32 });
     await prefill.call('ready', { upTo: 2 });
     await prefill.call('acked', { count: 2 });
-    await prefill.kill();
+    // A killed prefill is noticed at once (test/kv/prefill-lost.test.ts); a frozen one only by the deadline.
+    prefill.child.kill('SIGSTOP');
 
     const err = await received.promise.catch((e: unknown) => e);
     expect(err).toMatchObject({ code: 'ERR_TIMEOUT', requestId: 'orphan', invalidBlockIds: blocks });
