@@ -231,16 +231,18 @@ describe('versions of the kv.* messages', () => {
     const trace = new KvTracer();
     const { p, d, sender, receiver } = await setup(G, { sender: { trace } });
     const notices: Array<Record<string, unknown>> = [];
-    const internals = receiver as unknown as { onHello(b: unknown): Record<string, unknown>; onLayer(b: unknown): unknown };
+    // The receiver's handlers, wrapped: its hello answer loses `version`, its notices are recorded.
+    type Handler = (body: unknown, context: unknown) => unknown;
+    const internals = receiver as unknown as { onHello: Handler; onLayer: Handler };
     const hello = internals.onHello.bind(receiver);
     const layer = internals.onLayer.bind(receiver);
-    vi.spyOn(internals, 'onHello').mockImplementation((b) => {
-      const { version: _dropped, ...v1 } = hello(b);
+    vi.spyOn(internals, 'onHello').mockImplementation((body, context) => {
+      const { version: _dropped, ...v1 } = hello(body, context) as Record<string, unknown>;
       return v1;
     });
-    vi.spyOn(internals, 'onLayer').mockImplementation((b) => {
-      notices.push(b as Record<string, unknown>);
-      return layer(b);
+    vi.spyOn(internals, 'onLayer').mockImplementation((body, context) => {
+      notices.push(body as Record<string, unknown>);
+      return layer(body, context);
     });
     slowWrites(p.engine, 15);
     const received = receiver.expect('v1', { blocks: [3, 4], deadlineMs: 10_000 });
