@@ -2,7 +2,7 @@
  * bench layerwise: how much of the KV transfer the layerwise push hides behind
  * prefill compute.
  *
- *   epd-transfer bench layerwise --model llama3-8b --tokens 4096 [--link 4GB/s] [--transport shm] [--json]
+ *   epd-transfer bench layerwise --model llama3-8b --tokens 4096 [--link 4GB/s] [--transport shm] [--no-fuse] [--json]
  *
  * A *simulated* prefill runs in this process: per layer, a device stream sleeps the
  * layer's compute time from the model profile (lib/sim/profiles.ts, reference
@@ -18,6 +18,9 @@
  *
  * The exposed tail is the layerwise TTFT after the last layer's compute; tailRatio
  * divides it by the last layer's own transfer time (1.0 = only the last layer shows).
+ * `batchesPerLayer` is the batches a layerwise push wrote per layer: 1 when every layer
+ * went alone, less when layers that were ready together were fused (short prompts,
+ * whose layers compute faster than a write round trip; `--no-fuse` turns fusing off).
  * At the end decode's blocks are checksummed against prefill's: a mismatch fails the run.
  */
 import { fork, type ChildProcess } from 'node:child_process';
@@ -50,6 +53,8 @@ export interface LayerwiseBenchOptions {
   integrity: boolean;
   /** Write a Chrome trace (prefill + decode) of the last layerwise run here. */
   trace?: string;
+  /** Fuse layers that are ready together (the sender's `fuseLayers`). Default true. */
+  fuse?: boolean;
 }
 
 export interface LayerwiseBenchResult {
@@ -78,6 +83,12 @@ export interface LayerwiseBenchResult {
   exposedTailMs: number;
   lastLayerTransferMs: number;
   tailRatio: number;
+  /** The sender's `fuseLayers`. */
+  fuseLayers: boolean;
+  /** Batches (engine writes, each with one notice) of one layerwise push, median over runs. */
+  batches: number;
+  /** batches ÷ layers: 1 = one batch per layer; less = layers fused. */
+  batchesPerLayer: number;
   /** Bulk transfer rate, GB/s (1e9 bytes/s). */
   gbps: number;
   bulkTransferMs: number;
@@ -229,7 +240,8 @@ export async function runLayerwiseBench(opts: LayerwiseBenchOptions): Promise<La
     });
 
     const trace = new KvTracer('prefill (bench)');
-    const sender = new LayerwiseSender(engine, layout, { integrity: opts.integrity, trace, ackTimeoutMs: 30_000, signalTimeoutMs: 120_000 });
+    const fuseLayers = opts.fuse !== false;
+    const sender = new LayerwiseSender(engine, layout, { integrity: opts.integrity, trace, ackTimeoutMs: 30_000, signalTimeoutMs: 120_000, fuseLayers });
     const deadlineMs = Math.ceil(layerUs / 1000) * g.layers * 4 + 60_000;
     let seq = 0;
 
@@ -252,9 +264,10 @@ export async function runLayerwiseBench(opts: LayerwiseBenchOptions): Promise<La
       const ready = trace.events.find((e) => e.phase === 'ready' && e.layer === last)!;
       const computeEnd = (ready.ts - t0Epoch) / 1000;
       const lastLayer = trace.summary(id).find((s) => s.layer === last)!;
+      const batches = trace.events.filter((e) => e.phase === 'sendStart').length;
       stream.destroy();
       events.forEach((e) => e.destroy());
-      return { ttft: tEnd - t0, computeEnd, exposed: tEnd - t0 - computeEnd, lastTransfer: lastLayer.transferMs };
+      return { ttft: tEnd - t0, computeEnd, exposed: tEnd - t0 - computeEnd, lastTransfer: lastLayer.transferMs, batches };
     };
 
     const bulkRun = async () => {
@@ -309,6 +322,7 @@ export async function runLayerwiseBench(opts: LayerwiseBenchOptions): Promise<La
     const exposed = spread(lw.map((r) => r.exposed)).median;
     const lastTransfer = spread(lw.map((r) => r.lastTransfer)).median;
     const bulkTransfer = spread(bk.map((r) => r.transfer)).median;
+    const batches = spread(lw.map((r) => r.batches)).median;
     const bytes = bytesPerLayer * g.layers;
     return {
       simulation: `simulated prefill: per-layer compute from the ${profile.id} profile on the ${REFERENCE_ACCELERATOR.name} (derived, see lib/sim/profiles.ts), real KV bytes written and transferred`,
@@ -330,6 +344,9 @@ export async function runLayerwiseBench(opts: LayerwiseBenchOptions): Promise<La
       exposedTailMs: round(exposed, 3),
       lastLayerTransferMs: round(lastTransfer, 3),
       tailRatio: round(exposed / lastTransfer, 3),
+      fuseLayers,
+      batches,
+      batchesPerLayer: round(batches / g.layers, 3),
       gbps: round(bytes / (bulkTransfer / 1000) / 1e9, 3),
       bulkTransferMs: round(bulkTransfer),
       ttftLayerwiseSpread: [round(ttftLw.min), round(ttftLw.max)],
@@ -359,6 +376,7 @@ export function printLayerwiseResult(r: LayerwiseBenchResult): void {
     ['speedup', `${r.speedup}× (bulk ÷ layerwise)`],
     ['exposed tail', `${r.exposedTailMs} ms after the last layer's compute (bulk: ${r.bulkExposedMs} ms)`],
     ['last layer transfer', `${r.lastLayerTransferMs} ms`],
+    ['batches', `${r.batches} for ${r.layers} layers = ${r.batchesPerLayer} per layer (layer fusing ${r.fuseLayers ? 'on' : 'off'})`],
     ['tailRatio', `${r.tailRatio} (1.0 = only the last layer's transfer is exposed)`],
     ['reference', r.reference],
     ['verified', r.verified ? 'yes (CRC-32 of every decode tensor matches prefill)' : 'NO'],

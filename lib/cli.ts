@@ -5,7 +5,7 @@
  *   epd-transfer bench transfer [--transport shm|tcp] [--connections n] [--op write|read] [--block 1MiB]
  *                               [--batch 64] [--threads n] [--inflight 2] [--region 512MiB] [--runs 5] [--json]
  *   epd-transfer bench layerwise --model <profile> --tokens <n> [--link 25GB/s] [--transport shm]
- *                                [--runs 3] [--integrity] [--trace out.json] [--json]
+ *                                [--runs 3] [--integrity] [--no-fuse] [--trace out.json] [--json]
  *   epd-transfer proxy [--prefill <url> --decode <url> | --pd <url>] [--encode <url>] [options]
  *   epd-transfer proxy instances list|add|remove --proxy <url> [--role <role>] [url...]
  *   epd-transfer bench proxy [--rate 500] [--json]
@@ -48,6 +48,7 @@ Commands:
       --transport shm|tcp        transport (shm)
       --runs <n>                 measured runs of each mode, median reported (3)
       --integrity                checksum every layer, verified by decode
+      --no-fuse                  one batch per layer even when several are ready together
       --trace <file>             write a Chrome trace (prefill + decode) of the last run
       --json                     one JSON object instead of the table
   bench metadata [options]       etcd: lease-expiry detection and shared-load staleness, real etcd
@@ -160,6 +161,7 @@ async function benchLayerwise(args: string[]): Promise<void> {
       transport: { type: 'string', default: 'shm' },
       runs: { type: 'string', default: '3' },
       integrity: { type: 'boolean', default: false },
+      'no-fuse': { type: 'boolean', default: false },
       trace: { type: 'string' },
       json: { type: 'boolean', default: false },
     },
@@ -174,6 +176,7 @@ async function benchLayerwise(args: string[]): Promise<void> {
     runs: expectInteger(Number(values.runs), '--runs', 1, 100),
     integrity: values.integrity,
     trace: values.trace,
+    fuse: !values['no-fuse'],
   });
   if (values.json) console.log(JSON.stringify(result));
   else printLayerwiseResult(result);

@@ -28,6 +28,7 @@ export {
   LayerwiseReceiver,
   KvRequestError,
   KvTracer,
+  layersOf,
   mergeChromeTraces,
   CHECKSUM_ALGORITHM,
 } from './kv/index.js';

@@ -16,6 +16,6 @@ export type { KvSendRequest, KvChunkProgress, KvSendResult, KvSendHandle, Layerw
 export { LayerwiseReceiver } from './receiver.js';
 export type { LayerwiseReceiverOptions, KvExpectOptions, KvReceiveResult, KvLayerEvent, LayerwiseReceiverStats } from './receiver.js';
 export { KvRequestError } from './protocol.js';
-export { KvTracer, mergeChromeTraces } from './trace.js';
+export { KvTracer, layersOf, mergeChromeTraces } from './trace.js';
 export type { KvTraceEvent, KvTracePhase, ChromeTraceEvent, KvLayerSummary } from './trace.js';
 export { CHECKSUM_ALGORITHM } from './checksum.js';

@@ -4,8 +4,9 @@
  * handlers. Bytes never travel here — only which blocks landed, checksums,
  * credits and completion.
  *
- *   kv.hello   P → D  sender id, session, local geometry   ← D's layout and the credit window
- *   kv.layer   P → D  one written batch of one layer        ← credit returned, per-request refusals
+ *   kv.hello   P → D  sender id, session, local geometry   ← D's layout, the credit window, its version
+ *   kv.layer   P → D  one written batch of one layer, or    ← credit returned, per-request refusals
+ *                      of several whole consecutive layers (version 2: `layers`)
  *                      (a request's last batch carries its DONE, answered in the same reply)
  *   kv.done    P → D  a request's last layer is in          ← accepted (idempotent) or the failure
  *                      (alone: when the last batch was empty, or its reply was lost)
@@ -18,6 +19,14 @@ export const TOPIC_LAYER = 'kv.layer';
 export const TOPIC_DONE = 'kv.done';
 export const TOPIC_FAILED = 'kv.failed';
 
+/**
+ * Version of the `kv.*` messages. 1: one layer per `kv.layer` notice. 2: a notice may
+ * cover several whole consecutive layers (`LayerBody.layers`, `LayerEntry.crcs`). Each
+ * side says its version in `kv.hello`; a sender fuses layers only for a receiver that
+ * answered 2 or more. A message without `version` is version 1.
+ */
+export const KV_PROTOCOL_VERSION = 2;
+
 /** P → D: who is sending and with what geometry. */
 export interface HelloBody {
   sender: string;
@@ -27,12 +36,16 @@ export interface HelloBody {
   blockSize: number;
   /** `layers[l][t]`: prefill bytes per block of tensor t of layer l. */
   layers: number[][];
+  /** The sender's {@link KV_PROTOCOL_VERSION}; absent: 1. */
+  version?: number;
 }
 
 export interface HelloReply {
   layout: unknown;
   /** Bytes this sender may have written but not yet acknowledged. */
   windowBytes: number;
+  /** The receiver's {@link KV_PROTOCOL_VERSION}; absent: 1 (no multi-layer notices). */
+  version?: number;
 }
 
 /** One request's share of a layer batch. Blocks are logical, in prefill-block units. */
@@ -45,8 +58,10 @@ export interface LayerEntry {
   last: boolean;
   /** The chunk is the request's final chunk. */
   final: boolean;
-  /** CRC-32 of the chunk's blocks of this layer (on `last` entries, when integrity is on). */
+  /** CRC-32 of the chunk's blocks of this layer (on `last` entries of a one-layer notice, when integrity is on). */
   crc?: number;
+  /** In a notice of several layers (where every entry is `last`): one CRC-32 per layer, in layer order. */
+  crcs?: number[];
   /** On the request's very last write: its DONE (see {@link DoneBody}), answered in the reply's `done`. */
   done?: { end: number; chunks: number };
 }
@@ -56,7 +71,13 @@ export interface LayerBody {
   session: string;
   /** Per sender, strictly increasing; a repeated seq is a duplicate. */
   seq: number;
+  /** The (first) layer of the batch. */
   layer: number;
+  /**
+   * Version 2: the batch holds whole layers `[layer, layer + layers)`, each entry standing
+   * for the same blocks in every one of them (and `last` in each). Absent: 1.
+   */
+  layers?: number;
   /** Bytes of the batch (the credit it used). */
   bytes: number;
   entries: LayerEntry[];

@@ -26,6 +26,7 @@ import { RegionReader } from './checksum.js';
 import { KvLayout } from './layout.js';
 import { blockRuns, expandBlockIds } from './plan.js';
 import {
+  KV_PROTOCOL_VERSION,
   KvRequestError,
   protocolError,
   remoteCode,
@@ -334,7 +335,7 @@ export class LayerwiseReceiver extends EventEmitter {
     const connection = context.session?.id;
     if (!known || known.session !== session) this.senders.set(sender, { session, connection, blockSize, ratio, lastSeq: 0 });
     else known.connection = connection;
-    return { layout: this.layout.describe(), windowBytes: this.windowBytes };
+    return { layout: this.layout.describe(), windowBytes: this.windowBytes, version: KV_PROTOCOL_VERSION };
   }
 
   /** The sender of a message, or why it is not accepted (no hello in this session). */
@@ -350,6 +351,7 @@ export class LayerwiseReceiver extends EventEmitter {
     const from = this.senderOf(b);
     const seq = expectInteger(b.seq, 'seq', 1);
     const layer = expectInteger(b.layer, 'layer', 0, this.layout.numLayers - 1);
+    const layers = b.layers === undefined ? 1 : expectInteger(b.layers, 'layers', 1, this.layout.numLayers - layer);
     const bytes = expectInteger(b.bytes, 'bytes');
     if (!Array.isArray(b.entries)) protocolError('entries is not an array');
     if (typeof from === 'string') {
@@ -376,7 +378,7 @@ export class LayerwiseReceiver extends EventEmitter {
         continue;
       }
       this.attribute(req!, sender, context);
-      this.onEntry(req!, sender, info, layer, e);
+      this.onEntries(req!, sender, info, layer, layers, e);
       if (!req!.failure && e.done !== undefined) {
         const d = expectObject(e.done, 'entry.done');
         done.push({ id, ...this.acceptDone(req!, sender, info, expectInteger(d.end, 'done.end'), expectInteger(d.chunks, 'done.chunks')) });
@@ -386,7 +388,29 @@ export class LayerwiseReceiver extends EventEmitter {
     return done.length > 0 ? { credit: bytes, refused, done } : { credit: bytes, refused };
   }
 
-  private onEntry(req: RequestState, sender: string, info: SenderInfo, layer: number, e: Record<string, unknown>): void {
+  /**
+   * Applies one entry of a notice to each layer it covers, in layer order, so decode
+   * learns the layers of a multi-layer notice one by one, exactly as from one notice each.
+   */
+  private onEntries(req: RequestState, sender: string, info: SenderInfo, layer: number, layers: number, e: Record<string, unknown>): void {
+    if (layers === 1) {
+      this.onEntry(req, sender, info, layer, e, e.crc);
+      return;
+    }
+    // Several layers: only whole layers travel together, each with its own checksum.
+    if (e.last !== true) {
+      this.failRequest(req, 'ERR_PROTOCOL', `sender '${sender}' sent part of a layer in a notice of layers ${layer}–${layer + layers - 1}`);
+      return;
+    }
+    if (e.crcs !== undefined && (!Array.isArray(e.crcs) || e.crcs.length !== layers)) {
+      this.failRequest(req, 'ERR_PROTOCOL', `sender '${sender}' sent ${Array.isArray(e.crcs) ? e.crcs.length : 'no list of'} checksums for ${layers} layers`);
+      return;
+    }
+    const crcs = e.crcs as unknown[] | undefined;
+    for (let i = 0; i < layers && !req.failure; i++) this.onEntry(req, sender, info, layer + i, e, crcs?.[i]);
+  }
+
+  private onEntry(req: RequestState, sender: string, info: SenderInfo, layer: number, e: Record<string, unknown>, rawCrc: unknown): void {
     const first = expectInteger(e.first, 'entry.first');
     const end = expectInteger(e.end, 'entry.end');
     const start = req.cachedTokens / info.blockSize;
@@ -403,8 +427,8 @@ export class LayerwiseReceiver extends EventEmitter {
       this.failRequest(req, 'ERR_PROTOCOL', `sender '${sender}' sent layer ${layer} blocks from ${first}; expected ${expected}`);
       return;
     }
-    if (e.crc !== undefined) {
-      const crc = expectInteger(e.crc, 'entry.crc', 0, 0xffffffff);
+    if (rawCrc !== undefined) {
+      const crc = expectInteger(rawCrc, 'entry.crc', 0, 0xffffffff);
       if (crc !== this.checksum(req, info.ratio, layer, first, end)) {
         this.counts.checksum++;
         this.failRequest(req, 'ERR_INTEGRITY', `checksum mismatch in layer ${layer}, blocks [${first}, ${end}) from sender '${sender}'`);

@@ -8,6 +8,9 @@
  * decode instance's blocks while the next layer computes. Requests going to the
  * same decode instance are fused into one batch per layer; each decode instance
  * has its own lane, so a slow or dead one delays or fails only its own requests.
+ * When layers are ready faster than a lane's writes complete, the layers already
+ * waiting in the lane go out as one batch with one notice (capped; see
+ * docs/LAYERWISE.md, "Layer fusing"); decode still learns each layer, in order.
  *
  * ```ts
  * const sender = new LayerwiseSender(engine, layout);
@@ -24,9 +27,10 @@ import { badArgument, expectInteger, expectObject, expectOptionalObject, expectS
 import { RegionReader } from './checksum.js';
 import { CreditGate } from './credits.js';
 import { checkRemoteLayout, KvLayout, type RemoteKvLayout } from './layout.js';
-import { blockRuns, chunkBlockRange, DESCRIPTOR_STRIDE, expandBlockIds, planLayer, splitPlan, type BlockRun, type PlanSlice, type TensorPlacement } from './plan.js';
+import { blockRuns, chunkBlockRange, DESCRIPTOR_STRIDE, expandBlockIds, planLayer, splitPlan, type BlockRun, type PeerLayerPlan, type TensorPlacement } from './plan.js';
 import {
   describeError,
+  KV_PROTOCOL_VERSION,
   KvRequestError,
   newSession,
   remoteCode,
@@ -104,6 +108,17 @@ export interface LayerwiseSenderOptions {
   retries?: number;
   /** Delay before the first retry; doubles each time. Default 100 ms. */
   retryDelayMs?: number;
+  /**
+   * When a lane gets to send and several consecutive layers of the step are already
+   * ready, send them as one batch with one notice (decode still learns each layer,
+   * in order). Only towards a decode that speaks version 2 of the `kv.*` messages.
+   * Default true.
+   */
+  fuseLayers?: boolean;
+  /** Most bytes of a batch of several layers; also at most half the credit window. Default 16 MiB. */
+  maxFusedBytes?: number;
+  /** Most descriptors of a batch of several layers. Default 1024. */
+  maxFusedDescriptors?: number;
   /** Records ready / send / ack events. */
   trace?: KvTracer;
 }
@@ -118,7 +133,12 @@ export interface LayerwiseSenderStats {
   peakBytesInFlight: number;
   /** Batches that waited for credit. */
   creditWaits: number;
+  /** Batches written (each one engine write and one `kv.layer` notice). */
   batches: number;
+  /** Batches that carried several layers (see {@link LayerwiseSenderOptions.fuseLayers}). */
+  fusedBatches: number;
+  /** Layers those batches carried together. */
+  fusedLayers: number;
   requestsActive: number;
   requestsDone: number;
   requestsFailed: number;
@@ -130,6 +150,8 @@ interface PeerState {
   ready: Promise<void>;
   remote?: RemoteKvLayout;
   credit?: CreditGate;
+  /** Send ready layers together (fusing on, and decode speaks version 2). */
+  fuse: boolean;
   queue: Part[];
   running: boolean;
   broken: TransferError | null;
@@ -184,6 +206,28 @@ interface Part {
   entries: StepEntry[];
 }
 
+/** Consecutive layers of one step that a lane sends together (often just one). */
+interface LayerGroup {
+  first: number;
+  /** The step's entries to this lane. */
+  entries: StepEntry[];
+  /** Those still alive when the group was taken; plan owners index into it. */
+  live: StepEntry[];
+  /** One plan per layer, from `first` on. */
+  plans: PeerLayerPlan[];
+}
+
+/** One batch: a slice of one layer, or several whole layers. */
+interface Piece {
+  first: number;
+  layers: number;
+  descriptors: number[];
+  owners: number[];
+  /** The layer of each descriptor (null: all `first`). */
+  layerOf: number[] | null;
+  bytes: number;
+}
+
 const RECENT_LIMIT = 4096;
 
 function sleep(ms: number): Promise<void> {
@@ -221,6 +265,9 @@ export class LayerwiseSender {
   private readonly connectTimeoutMs: number;
   private readonly retries: number;
   private readonly retryDelayMs: number;
+  private readonly fuseLayers: boolean;
+  private readonly maxFusedBytes: number;
+  private readonly maxFusedDescriptors: number;
   private readonly trace: KvTracer | undefined;
   private readonly local: TensorPlacement[][];
   private readonly reader: RegionReader;
@@ -233,7 +280,7 @@ export class LayerwiseSender {
   private closed = false;
   /** Batch sequence number, strictly increasing per sender (decode drops repeats). */
   private seq = 0;
-  private counts = { bytesSent: 0, batches: 0, done: 0, failed: 0, peak: 0, waits: 0 };
+  private counts = { bytesSent: 0, batches: 0, fusedBatches: 0, fusedLayers: 0, done: 0, failed: 0, peak: 0, waits: 0 };
 
   /** @internal Test-only fault injection: return true to write a (request, layer) from the wrong source block. */
   _misdirect: ((requestId: string, layer: number) => boolean) | undefined;
@@ -256,6 +303,10 @@ export class LayerwiseSender {
     this.connectTimeoutMs = o.connectTimeoutMs === undefined ? 5_000 : expectTimeout(o.connectTimeoutMs, 'options.connectTimeoutMs');
     this.retries = o.retries === undefined ? 3 : expectInteger(o.retries, 'options.retries', 0, 100);
     this.retryDelayMs = o.retryDelayMs === undefined ? 100 : expectInteger(o.retryDelayMs, 'options.retryDelayMs', 0, 60_000);
+    if (o.fuseLayers !== undefined && typeof o.fuseLayers !== 'boolean') badArgument('options.fuseLayers', 'a boolean', o.fuseLayers);
+    this.fuseLayers = o.fuseLayers !== false;
+    this.maxFusedBytes = o.maxFusedBytes === undefined ? 16 << 20 : expectInteger(o.maxFusedBytes, 'options.maxFusedBytes', 1);
+    this.maxFusedDescriptors = o.maxFusedDescriptors === undefined ? 1024 : expectInteger(o.maxFusedDescriptors, 'options.maxFusedDescriptors', 1);
     this.trace = o.trace;
     if (!(layout instanceof KvLayout)) badArgument('layout', 'a KvLayout', layout);
     for (const t of layout.layers.flat()) {
@@ -440,6 +491,8 @@ export class LayerwiseSender {
       peakBytesInFlight: peak,
       creditWaits: waits,
       batches: this.counts.batches,
+      fusedBatches: this.counts.fusedBatches,
+      fusedLayers: this.counts.fusedLayers,
       requestsActive: this.requests.size,
       requestsDone: this.counts.done,
       requestsFailed: this.counts.failed,
@@ -491,7 +544,7 @@ export class LayerwiseSender {
     const key = typeof target === 'string' ? target : target.address;
     const existing = this.peers.get(key);
     if (existing && !existing.broken && !existing.peer?.lost) return existing;
-    const ps: PeerState = { key, ready: Promise.resolve(), queue: [], running: false, broken: null, requests: new Set() };
+    const ps: PeerState = { key, ready: Promise.resolve(), fuse: false, queue: [], running: false, broken: null, requests: new Set() };
     ps.ready = this.handshake(ps, target);
     ps.ready.catch((err: unknown) => this.breakPeer(ps, err instanceof TransferError ? err : new TransferError(String(err), 'ERR_REMOTE')));
     this.peers.set(key, ps);
@@ -507,6 +560,7 @@ export class LayerwiseSender {
       session: this.session,
       blockSize: this.layout.blockSize,
       layers: this.layout.layers.map((layer) => layer.map((t) => t.blockBytes)),
+      version: KV_PROTOCOL_VERSION,
     };
     const reply = expectObject(await request(peer, TOPIC_HELLO, hello, this.ackTimeoutMs), 'hello reply');
     const windowBytes = expectInteger(reply.windowBytes, 'hello reply windowBytes', 1);
@@ -520,6 +574,8 @@ export class LayerwiseSender {
     }
     ps.remote = remote;
     ps.credit = new CreditGate(windowBytes);
+    // A version-1 decode reads only `layer` of a notice: it gets one layer per notice.
+    ps.fuse = this.fuseLayers && typeof reply.version === 'number' && reply.version >= 2;
   }
 
   /** Checks a request's decode block ids against decode's layout once it is known. */
@@ -563,43 +619,91 @@ export class LayerwiseSender {
 
   private async runLane(ps: PeerState): Promise<void> {
     while (ps.queue.length > 0) {
-      const part = ps.queue.shift()!;
       try {
-        await this.sendPart(ps, part);
+        await ps.ready;
+      } catch {
+        ps.queue.length = 0; // breakPeer failed the requests
+        break;
+      }
+      const group = this.takeGroup(ps);
+      try {
+        await this.sendGroup(ps, group);
       } catch (err) {
         // Not expected: every failure path is handled per request. Keep the lane alive.
         const e = err instanceof TransferError ? err : new TransferError(String((err as Error)?.message ?? err), 'ERR_REMOTE');
-        for (const entry of part.entries) this.fail(entry.req, e);
+        for (const entry of group.entries) this.fail(entry.req, e);
       }
     }
     ps.running = false;
   }
 
-  private async sendPart(ps: PeerState, part: Part): Promise<void> {
-    try {
-      await ps.ready;
-    } catch {
-      return; // breakPeer failed the requests
-    }
+  /**
+   * Takes the next layer off the lane's queue, with the consecutive layers of the same
+   * step that are already ready behind it while the whole group fits the fusing cap.
+   * Nothing waits for more layers: a group is only what was queued when the lane got to it.
+   */
+  private takeGroup(ps: PeerState): LayerGroup {
+    const head = ps.queue.shift()!;
     const remote = ps.remote!;
     const live: StepEntry[] = [];
-    for (const e of part.entries) {
+    for (const e of head.entries) {
       if (e.req.failure || !this.remoteOf(e.req, remote)) continue;
       e.runs ??= blockRuns(e.req.local, e.req.remote!, e.first, e.end);
       live.push(e);
     }
-    const plan = planLayer(
-      live.map((e) => ({ peer: 0, runs: e.runs!, remote: remote.layers[part.layer] })),
-      this.local[part.layer],
-    ).get(0);
-    if (plan && plan.bytes > 0) {
-      const slices = splitPlan(plan, ps.credit!.window);
-      const lastSlice = new Map<number, number>();
-      slices.forEach((s, i) => s.owners.forEach((o) => lastSlice.set(o, i)));
-      for (let i = 0; i < slices.length; i++) await this.sendSlice(ps, part.layer, live, slices[i], lastSlice, i);
+    const plan = (layer: number): PeerLayerPlan =>
+      planLayer(
+        live.map((e) => ({ peer: 0, runs: e.runs!, remote: remote.layers[layer] })),
+        this.local[layer],
+      ).get(0) ?? { descriptors: [], owners: [], bytes: 0 };
+    const group: LayerGroup = { first: head.layer, entries: head.entries, live, plans: [plan(head.layer)] };
+    if (!ps.fuse) return group;
+    const maxBytes = Math.min(this.maxFusedBytes, Math.floor(ps.credit!.window / 2));
+    let bytes = group.plans[0].bytes;
+    let descriptors = group.plans[0].owners.length;
+    while (bytes <= maxBytes && descriptors <= this.maxFusedDescriptors && ps.queue.length > 0) {
+      const next = ps.queue[0];
+      if (next.entries !== head.entries || next.layer !== group.first + group.plans.length) break;
+      const p = plan(next.layer);
+      if (bytes + p.bytes > maxBytes || descriptors + p.owners.length > this.maxFusedDescriptors) break;
+      ps.queue.shift();
+      group.plans.push(p);
+      bytes += p.bytes;
+      descriptors += p.owners.length;
     }
-    if (part.layer === this.layout.numLayers - 1) {
-      for (const e of part.entries) {
+    return group;
+  }
+
+  private async sendGroup(ps: PeerState, group: LayerGroup): Promise<void> {
+    const layers = group.plans.length;
+    if (layers === 1) {
+      // One layer: cut to the credit window when it is larger.
+      const plan = group.plans[0];
+      if (plan.bytes > 0) {
+        const slices = splitPlan(plan, ps.credit!.window);
+        const lastSlice = new Map<number, number>();
+        slices.forEach((s, i) => s.owners.forEach((o) => lastSlice.set(o, i)));
+        for (let i = 0; i < slices.length; i++) {
+          const s = slices[i];
+          const piece: Piece = { first: group.first, layers: 1, descriptors: s.descriptors, owners: s.owners, layerOf: null, bytes: s.bytes };
+          await this.sendPiece(ps, group.live, piece, (o) => lastSlice.get(o) === i);
+        }
+      }
+    } else {
+      // Several whole layers (they fit the cap, so the window): one batch, one notice.
+      const piece: Piece = { first: group.first, layers, descriptors: [], owners: [], layerOf: [], bytes: 0 };
+      group.plans.forEach((p, i) => {
+        for (const x of p.descriptors) piece.descriptors.push(x);
+        for (const o of p.owners) {
+          piece.owners.push(o);
+          piece.layerOf!.push(group.first + i);
+        }
+        piece.bytes += p.bytes;
+      });
+      if (piece.bytes > 0) await this.sendPiece(ps, group.live, piece, () => true);
+    }
+    if (group.first + layers === this.layout.numLayers) {
+      for (const e of group.entries) {
         if (!e.final || e.req.failure) continue;
         e.req.finalWritten = true;
         this.settle(e.req);
@@ -607,51 +711,72 @@ export class LayerwiseSender {
     }
   }
 
-  private async sendSlice(ps: PeerState, layer: number, live: StepEntry[], slice: PlanSlice, lastSlice: Map<number, number>, index: number): Promise<void> {
+  /**
+   * Writes one batch (a slice of one layer, or several whole layers), then sends its
+   * `kv.layer` notice without waiting for the answer. `lastOf(owner)`: the batch holds the
+   * owner's last bytes of its layer(s).
+   */
+  private async sendPiece(ps: PeerState, live: StepEntry[], piece: Piece, lastOf: (owner: number) => boolean): Promise<void> {
     const credit = ps.credit!;
     try {
-      await credit.acquire(slice.bytes);
+      await credit.acquire(piece.bytes);
     } catch {
       return; // the lane broke: its requests are failed
     }
-    const batch = new DescriptorBatch(slice.owners.length);
+    const { first } = piece;
+    const lastLayer = first + piece.layers - 1;
+    const what = piece.layers === 1 ? `layer ${first}` : `layers ${first}–${lastLayer}`;
+    const at = piece.layers === 1 ? { layer: first } : { layer: first, lastLayer };
+    const batch = new DescriptorBatch(piece.owners.length);
     const owners: number[] = [];
-    const d = slice.descriptors;
+    const misdirected = new Set<string>();
+    const d = piece.descriptors;
     let bytes = 0;
-    for (let i = 0; i < slice.owners.length; i++) {
-      const entry = live[slice.owners[i]];
+    for (let i = 0; i < piece.owners.length; i++) {
+      const entry = live[piece.owners[i]];
       if (entry.req.failure) continue; // failed while waiting for credit
       const o = i * DESCRIPTOR_STRIDE;
+      const layer = piece.layerOf?.[i] ?? first;
       let localOffset = d[o + 1];
-      if (this._misdirect?.(entry.req.id, layer) && !owners.includes(slice.owners[i])) {
+      const key = `${piece.owners[i]}:${layer}`;
+      if (this._misdirect?.(entry.req.id, layer) && !misdirected.has(key)) {
+        misdirected.add(key);
         const t = this.layout.layers[layer].find((x) => x.region.id === d[o] && localOffset >= x.offset && localOffset < x.offset + x.blockBytes * this.layout.numBlocks)!;
         const span = t.blockBytes * this.layout.numBlocks;
         localOffset = t.offset + ((localOffset - t.offset + t.blockBytes) % span);
         if (localOffset + d[o + 4] > t.offset + span) localOffset = t.offset;
       }
       batch.add(d[o], localOffset, d[o + 2], d[o + 3], d[o + 4]);
-      owners.push(slice.owners[i]);
+      owners.push(piece.owners[i]);
       bytes += d[o + 4];
     }
-    if (bytes < slice.bytes) credit.release(slice.bytes - bytes);
+    if (bytes < piece.bytes) credit.release(piece.bytes - bytes);
     if (batch.length === 0) return;
     const ownerSet = [...new Set(owners)];
-    const entries = ownerSet.map((o) => live[o]);
-    const reqs = entries.map((e) => e.req);
+    const reqs = ownerSet.map((o) => live[o].req);
     const ids = reqs.map((r) => r.id);
     const seq = ++this.seq;
     for (const r of reqs) r.writesInFlight++;
     this.counts.batches++;
-    this.trace?.record({ phase: 'sendStart', layer, requests: ids, peer: ps.key, bytes, seq });
+    if (piece.layers > 1) {
+      this.counts.fusedBatches++;
+      this.counts.fusedLayers += piece.layers;
+    }
+    this.trace?.record({ phase: 'sendStart', ...at, requests: ids, peer: ps.key, bytes, seq });
     const written = this.engine.write(ps.peer!, batch, this.writeTimeoutMs === undefined ? undefined : { timeoutMs: this.writeTimeoutMs });
     // Checksums of the source blocks are computed while the bytes move.
     const body: LayerEntry[] = ownerSet.map((o) => {
       const e = live[o];
-      const last = lastSlice.get(o) === index;
+      const last = lastOf(o);
       const entry: LayerEntry = { id: e.req.id, first: e.first, end: e.end, last, final: e.final };
       if (last && this.integrity) {
-        const tensors = this.layout.layers[layer];
-        entry.crc = this.reader.blocks(tensors, e.runs!, (t) => tensors[t].blockBytes);
+        const crcs: number[] = [];
+        for (let l = first; l <= lastLayer; l++) {
+          const tensors = this.layout.layers[l];
+          crcs.push(this.reader.blocks(tensors, e.runs!, (t) => tensors[t].blockBytes));
+        }
+        if (piece.layers === 1) entry.crc = crcs[0];
+        else entry.crcs = crcs;
       }
       return entry;
     });
@@ -665,26 +790,26 @@ export class LayerwiseSender {
     if (writeError !== null) {
       credit.release(bytes);
       const { code, message } = describeError(writeError);
-      const err = new TransferError(`layer ${layer} write to ${ps.key} failed: ${message}`, code, { cause: writeError });
-      this.trace?.record({ phase: 'failed', layer, requests: ids, peer: ps.key, code });
+      const err = new TransferError(`${what} write to ${ps.key} failed: ${message}`, code, { cause: writeError });
+      this.trace?.record({ phase: 'failed', ...at, requests: ids, peer: ps.key, code, seq });
       if (code === 'ERR_PEER_LOST' || code === 'ERR_CLOSED' || code === 'ERR_UNKNOWN_PEER') this.breakPeer(ps, err);
       for (const r of reqs) this.fail(r, err);
       return;
     }
-    this.trace?.record({ phase: 'sendEnd', layer, requests: ids, peer: ps.key, bytes, seq });
+    this.trace?.record({ phase: 'sendEnd', ...at, requests: ids, peer: ps.key, bytes, seq });
     this.counts.bytesSent += bytes;
     for (let i = 0; i < owners.length; i++) {
       live[owners[i]].req.bytes += batch.data[i * DESCRIPTOR_STRIDE + 4];
     }
     // The request's last write of its final chunk carries DONE with it: one round trip less
-    // after the last layer. (Decode handles the notices of a sender in order, so every earlier
-    // layer is in before it looks at this DONE.)
+    // after the last layer. (Decode handles the notices of a sender in order, and the layers of
+    // one notice in layer order, so every earlier layer is in before it looks at this DONE.)
     const withDone = new Set<RequestState>();
     body.forEach((e, i) => {
       const req = live[ownerSet[i]].req;
       if (!e.last) return;
-      req.chunks++;
-      if (e.final && layer === this.layout.numLayers - 1) {
+      req.chunks += piece.layers;
+      if (e.final && lastLayer === this.layout.numLayers - 1) {
         req.finalWritten = true;
         req.doneSent = true;
         e.done = { end: req.endBlock, chunks: req.chunks };
@@ -692,17 +817,18 @@ export class LayerwiseSender {
       }
     });
     for (const r of reqs) r.pendingAcks++;
-    const notice: LayerBody = { sender: this.senderId, session: this.session, seq, layer, bytes, entries: body };
+    const notice: LayerBody = { sender: this.senderId, session: this.session, seq, layer: first, bytes, entries: body };
+    if (piece.layers > 1) notice.layers = piece.layers;
     request(ps.peer!, TOPIC_LAYER, notice, this.ackTimeoutMs).then(
       (raw) => {
         const reply = (raw ?? {}) as { credit?: unknown; refused?: unknown; done?: unknown };
         const granted = typeof reply.credit === 'number' && reply.credit >= 0 ? Math.min(reply.credit, bytes) : bytes;
         credit.release(granted);
-        this.trace?.record({ phase: 'acked', layer, requests: ids, peer: ps.key, bytes, seq });
+        this.trace?.record({ phase: 'acked', ...at, requests: ids, peer: ps.key, bytes, seq });
         if (Array.isArray(reply.refused)) {
           for (const x of reply.refused as Array<{ id?: unknown; code?: unknown; message?: unknown }>) {
             const req = reqs.find((r) => r.id === x.id);
-            if (req) this.fail(req, new TransferError(`decode refused layer ${layer}: ${String(x.message ?? 'refused')}`, remoteCode(x.code)));
+            if (req) this.fail(req, new TransferError(`decode refused ${what}: ${String(x.message ?? 'refused')}`, remoteCode(x.code)));
           }
         }
         const outcomes = Array.isArray(reply.done) ? (reply.done as Array<{ id?: unknown }>) : [];
@@ -716,7 +842,7 @@ export class LayerwiseSender {
       (err: unknown) => {
         credit.release(bytes);
         const { code, message } = describeError(err);
-        const e = new TransferError(`layer ${layer} acknowledgement from ${ps.key} failed: ${message}`, code, { cause: err });
+        const e = new TransferError(`${what} acknowledgement from ${ps.key} failed: ${message}`, code, { cause: err });
         if (code === 'ERR_PEER_LOST' || code === 'ERR_CLOSED') this.breakPeer(ps, e);
         for (const r of reqs) {
           // A DONE that rode on a notice that timed out is retried on its own (decode ignores repeats).

@@ -27,7 +27,10 @@ export interface KvTraceEvent {
   phase: KvTracePhase;
   /** Microseconds since the Unix epoch. */
   ts: number;
+  /** The layer; for a batch of several layers, the first one. */
   layer?: number;
+  /** A batch of several layers (fused): its last layer. Absent when the batch has one layer. */
+  lastLayer?: number;
   /** Requests the event concerns. */
   requests: string[];
   /** The peer (address or sender id) of a batch. */
@@ -60,9 +63,24 @@ export interface KvLayerSummary {
   sendStartMs?: number;
   sendEndMs?: number;
   ackedMs?: number;
-  /** Sum of the layer's batch durations (sendStart → sendEnd). */
+  /**
+   * Sum of the layer's batch durations (sendStart → sendEnd). A batch of several layers
+   * counts for each of them with an equal share of its duration and bytes.
+   */
   transferMs: number;
   bytes: number;
+}
+
+/** The layers an event concerns: `[layer]`, or every layer of a batch of several. */
+export function layersOf(e: Pick<KvTraceEvent, 'layer' | 'lastLayer'>): number[] {
+  if (e.layer === undefined) return [];
+  const last = e.lastLayer ?? e.layer;
+  return Array.from({ length: Math.max(1, last - e.layer + 1) }, (_, i) => e.layer! + i);
+}
+
+/** "L3", or "L3–7" for a batch of several layers. */
+function layerLabel(e: Pick<KvTraceEvent, 'layer' | 'lastLayer'>): string {
+  return e.lastLayer === undefined || e.lastLayer === e.layer ? `L${e.layer}` : `L${e.layer}–${e.lastLayer}`;
 }
 
 /** Microseconds since the Unix epoch, sub-millisecond resolution. */
@@ -122,21 +140,21 @@ export class KvTracer {
     const layers = new Map<number, KvLayerSummary>();
     const starts = new Map<number, number>();
     for (const e of events) {
-      if (e.layer === undefined) continue;
-      let s = layers.get(e.layer);
-      if (!s) layers.set(e.layer, (s = { layer: e.layer, transferMs: 0, bytes: 0 }));
-      if (e.phase === 'ready') s.readyMs ??= ms(e.ts);
-      if (e.phase === 'sendStart') {
-        s.sendStartMs ??= ms(e.ts);
-        if (e.seq !== undefined) starts.set(e.seq, e.ts);
+      const covered = layersOf(e);
+      if (e.phase === 'sendStart' && e.seq !== undefined) starts.set(e.seq, e.ts);
+      for (const layer of covered) {
+        let s = layers.get(layer);
+        if (!s) layers.set(layer, (s = { layer, transferMs: 0, bytes: 0 }));
+        if (e.phase === 'ready') s.readyMs ??= ms(e.ts);
+        if (e.phase === 'sendStart') s.sendStartMs ??= ms(e.ts);
+        if (e.phase === 'sendEnd') {
+          s.sendEndMs = ms(e.ts);
+          s.bytes += (e.bytes ?? 0) / covered.length;
+          const start = e.seq === undefined ? undefined : starts.get(e.seq);
+          if (start !== undefined) s.transferMs += (e.ts - start) / 1000 / covered.length;
+        }
+        if (e.phase === 'acked') s.ackedMs = ms(e.ts);
       }
-      if (e.phase === 'sendEnd') {
-        s.sendEndMs = ms(e.ts);
-        s.bytes += e.bytes ?? 0;
-        const start = e.seq === undefined ? undefined : starts.get(e.seq);
-        if (start !== undefined) s.transferMs += (e.ts - start) / 1000;
-      }
-      if (e.phase === 'acked') s.ackedMs = ms(e.ts);
     }
     return [...layers.values()].sort((a, b) => a.layer - b.layer);
   }
@@ -176,14 +194,14 @@ export class KvTracer {
         case 'sendEnd': {
           const start = e.seq === undefined ? undefined : starts.get(e.seq);
           if (start) {
-            out.push({ name: `send L${e.layer}`, cat: 'transfer', ph: 'X', ts: start.ts, dur: e.ts - start.ts, pid, tid: tid(`send → ${e.peer ?? '?'}`), args });
+            out.push({ name: `send ${layerLabel(e)}`, cat: 'transfer', ph: 'X', ts: start.ts, dur: e.ts - start.ts, pid, tid: tid(`send → ${e.peer ?? '?'}`), args });
           }
           if (e.seq !== undefined) ends.set(e.seq, e);
           break;
         }
         case 'acked': {
           const end = e.seq === undefined ? undefined : ends.get(e.seq);
-          if (end) out.push({ name: `ack L${e.layer}`, cat: 'control', ph: 'X', ts: end.ts, dur: e.ts - end.ts, pid, tid: tid(`ack ← ${e.peer ?? '?'}`), args });
+          if (end) out.push({ name: `ack ${layerLabel(e)}`, cat: 'control', ph: 'X', ts: end.ts, dur: e.ts - end.ts, pid, tid: tid(`ack ← ${e.peer ?? '?'}`), args });
           break;
         }
         case 'arrived':

@@ -5,7 +5,7 @@
  * and forgets a request once it is taken, so memory stays bounded by the requests
  * in flight.
  */
-import { KvTracer, type KvTraceEvent } from '../kv/trace.js';
+import { KvTracer, layersOf, type KvTraceEvent } from '../kv/trace.js';
 
 /** One layer of one request on the prefill side (epoch ms). */
 export interface LayerSpan {
@@ -18,7 +18,10 @@ export interface LayerSpan {
   sendEnd?: number;
   /** Decode acknowledged the layer's last write. */
   acked?: number;
-  /** Bytes of the batches that carried it (shared with requests fused into the same batch). */
+  /**
+   * Bytes of the batches that carried it (shared with requests fused into the same batch;
+   * a batch of several layers counts an equal share for each).
+   */
   bytes: number;
 }
 
@@ -85,29 +88,32 @@ function timeline(events: readonly KvTraceEvent[]): RequestKvTimeline {
   for (const e of events) {
     if (e.phase === 'done') out.done = ms(e.ts);
     else if (e.phase === 'failed') out.failed = e.code;
-    if (e.layer === undefined) continue;
-    const s = span(e.layer);
-    switch (e.phase) {
-      case 'ready':
-        s.ready ??= ms(e.ts);
-        break;
-      case 'sendStart':
-        s.sendStart ??= ms(e.ts);
-        if (e.seq !== undefined) starts.set(e.seq, e.ts);
-        break;
-      case 'sendEnd': {
-        s.sendEnd = ms(e.ts);
-        s.bytes += e.bytes ?? 0;
-        out.batches++;
-        const start = e.seq === undefined ? undefined : starts.get(e.seq);
-        if (start !== undefined) out.writeMs += ms(e.ts - start);
-        break;
+    if (e.phase === 'sendStart' && e.seq !== undefined) starts.set(e.seq, e.ts);
+    if (e.phase === 'sendEnd') {
+      out.batches++;
+      const start = e.seq === undefined ? undefined : starts.get(e.seq);
+      if (start !== undefined) out.writeMs += ms(e.ts - start);
+    }
+    const covered = layersOf(e);
+    for (const layer of covered) {
+      const s = span(layer);
+      switch (e.phase) {
+        case 'ready':
+          s.ready ??= ms(e.ts);
+          break;
+        case 'sendStart':
+          s.sendStart ??= ms(e.ts);
+          break;
+        case 'sendEnd':
+          s.sendEnd = ms(e.ts);
+          s.bytes += (e.bytes ?? 0) / covered.length;
+          break;
+        case 'acked':
+          s.acked = ms(e.ts);
+          break;
+        default:
+          break;
       }
-      case 'acked':
-        s.acked = ms(e.ts);
-        break;
-      default:
-        break;
     }
   }
   out.layers = [...layers.values()].sort((a, b) => a.layer - b.layer);

@@ -18,13 +18,18 @@ describe('epd-transfer bench layerwise', () => {
     );
     expect(run.code, run.stderr).toBe(0);
     const r = lastJson(run.stdout);
-    for (const field of ['ttftLayerwiseMs', 'ttftBulkMs', 'exposedTailMs', 'lastLayerTransferMs', 'tailRatio', 'bytes', 'gbps']) {
+    for (const field of ['ttftLayerwiseMs', 'ttftBulkMs', 'exposedTailMs', 'lastLayerTransferMs', 'tailRatio', 'bytes', 'gbps', 'batches', 'batchesPerLayer']) {
       expect(typeof r[field], field).toBe('number');
     }
-    expect(r).toMatchObject({ model: 'qwen2.5-7b', tokens: 300, layers: 28, link: '4GB/s', linkGBps: 4, verified: true, integrity: true });
+    expect(r).toMatchObject({ model: 'qwen2.5-7b', tokens: 300, layers: 28, link: '4GB/s', linkGBps: 4, verified: true, integrity: true, fuseLayers: true });
     expect(r.bytes).toBe(300 * 57_344);
     const events = JSON.parse(readFileSync(trace, 'utf8')).traceEvents as Array<{ name: string; args?: { name?: string } }>;
-    expect(events.filter((e) => e.name.startsWith('send L')).length).toBeGreaterThanOrEqual(28);
+    // Every layer went out, alone ("send L5") or in a batch of several ("send L6–9").
+    const sent = events.filter((e) => e.name.startsWith('send L')).flatMap((e) => {
+      const [first, last = first] = e.name.slice('send L'.length).split('–').map(Number);
+      return Array.from({ length: last - first + 1 }, (_, i) => first + i);
+    });
+    expect(new Set(sent).size).toBe(28);
     expect(events.some((e) => e.name.startsWith('arrived L27'))).toBe(true);
     expect(events.filter((e) => e.name === 'process_name').map((e) => e.args?.name)).toEqual(['prefill (bench)', 'decode (bench)']);
   });

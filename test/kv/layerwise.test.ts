@@ -5,7 +5,7 @@ import { afterEach, describe, expect, it, vi } from 'vitest';
 import { KvRequestError } from '../../lib/kv/protocol.js';
 import { LayerwiseReceiver } from '../../lib/kv/receiver.js';
 import { LayerwiseSender } from '../../lib/kv/sender.js';
-import { KvTracer } from '../../lib/kv/trace.js';
+import { KvTracer, layersOf } from '../../lib/kv/trace.js';
 import { mlaTensors } from '../../lib/kv/layout.js';
 import type { Region, TransferEngine } from '../../lib/index.js';
 import { closeEngines, expectCode, openEngine, waitFor } from '../helpers.js';
@@ -85,7 +85,7 @@ describe('layerwise push', () => {
     expect(ready).toEqual(range(0, SMALL.layers));
     for (let l = 0; l < SMALL.layers; l++) {
       const readyAt = trace.events.find((e) => e.phase === 'ready' && e.layer === l)!.ts;
-      const sentAt = trace.events.find((e) => e.phase === 'sendStart' && e.layer === l)!.ts;
+      const sentAt = trace.events.find((e) => e.phase === 'sendStart' && layersOf(e).includes(l))!.ts; // alone or fused
       expect(sentAt).toBeGreaterThanOrEqual(readyAt);
     }
     expect(mismatches(p, d, [3, 4], [1, 2], 0, 2)).toEqual([]);
@@ -109,7 +109,8 @@ describe('layerwise push', () => {
 
   it('fuses the requests of a step that go to one decode engine into one batch per layer', async () => {
     const trace = new KvTracer();
-    const { p, d, sender, receiver } = await setup(SMALL, { sender: { trace } });
+    // Layer fusing off: all layers are ready at once here, and this is about one layer's batch.
+    const { p, d, sender, receiver } = await setup(SMALL, { sender: { trace, fuseLayers: false } });
     const reqs = [0, 1, 2].map((i) => ({ id: `f${i}`, local: range(i * 10, 3), remote: range(40 - i * 5, 3) }));
     const received = reqs.map((r) => receiver.expect(r.id, { blocks: r.remote, deadlineMs: 10_000 }));
     const handles = reqs.map((r) => sender.add({ requestId: r.id, peer: d.engine.address!, localBlocks: r.local, remoteBlocks: r.remote, tokens: 24 }));
@@ -365,7 +366,7 @@ describe('prefill block lifetime', () => {
   });
 
   it('after an abort, releases only once the write in flight settled', async () => {
-    const { p, d, sender, receiver } = await setup();
+    const { p, d, sender, receiver } = await setup(SMALL, { sender: { fuseLayers: false } }); // one write per layer
     const gate = deferred();
     const entered = deferred();
     let calls = 0;
@@ -438,7 +439,7 @@ describe('prefill block lifetime over a slowed link (link emulation)', () => {
       }
     }
     const trace = new AbortOnLayer1();
-    const x = await setup(SMALL, { sender: { trace } });
+    const x = await setup(SMALL, { sender: { trace, fuseLayers: false } }); // one write per layer
     sender = x.sender;
     engine = x.p.engine;
     const peer = await engine.connect(x.d.engine.address!, { link: { bandwidth: '40kB/s' } }); // 12 KiB per layer
@@ -457,7 +458,7 @@ describe('tracing', () => {
   it('exports ready/send/ack per layer as Chrome-trace JSON and summarises it', async () => {
     const trace = new KvTracer('prefill');
     const receiverTrace = new KvTracer('decode');
-    const { d, sender, receiver } = await setup(SMALL, { sender: { trace }, receiver: { trace: receiverTrace } });
+    const { d, sender, receiver } = await setup(SMALL, { sender: { trace, fuseLayers: false }, receiver: { trace: receiverTrace } });
     const received = receiver.expect('t', { blocks: [0, 1], deadlineMs: 10_000 });
     sender.add({ requestId: 't', peer: d.engine.address!, localBlocks: [0, 1], remoteBlocks: [0, 1], tokens: 16 });
     allLayersReady(sender, SMALL.layers);
@@ -478,6 +479,28 @@ describe('tracing', () => {
     expect(summary.map((s) => s.layer)).toEqual(range(0, SMALL.layers));
     expect(summary.every((s) => s.bytes === 2 * 8 * SMALL.tensors.reduce((a, t) => a + t.bytesPerToken, 0))).toBe(true);
     expect(receiverTrace.events.filter((e) => e.phase === 'arrived').map((e) => e.layer)).toEqual(range(0, SMALL.layers));
+  });
+
+  it('names a batch of several layers by its range and shares its bytes among them in the summary', async () => {
+    const trace = new KvTracer('prefill');
+    const { p, d, sender, receiver } = await setup(SMALL, { sender: { trace } });
+    const write = p.engine.write.bind(p.engine);
+    vi.spyOn(p.engine, 'write').mockImplementation(async (peer, batch, options) => {
+      await sleep(15); // the layers are ready long before the first write completes
+      return write(peer, batch, options);
+    });
+    const received = receiver.expect('tf', { blocks: [0, 1], deadlineMs: 10_000 });
+    sender.add({ requestId: 'tf', peer: d.engine.address!, localBlocks: [0, 1], remoteBlocks: [0, 1], tokens: 16 });
+    allLayersReady(sender, SMALL.layers);
+    await received;
+    await waitFor(() => trace.events.some((e) => e.phase === 'done'), 'DONE acknowledged');
+    const fused = trace.events.find((e) => e.phase === 'sendStart' && e.lastLayer !== undefined)!;
+    const names = trace.toChromeTrace(1).traceEvents.map((e) => e.name);
+    expect(names).toContain(`send L${fused.layer}–${fused.lastLayer}`);
+    expect(names).toContain(`ack L${fused.layer}–${fused.lastLayer}`);
+    const summary = trace.summary('tf');
+    expect(summary.map((s) => s.layer)).toEqual(range(0, SMALL.layers));
+    expect(summary.every((s) => s.bytes === 2 * 8 * SMALL.tensors.reduce((a, t) => a + t.bytesPerToken, 0))).toBe(true);
   });
 });
 
