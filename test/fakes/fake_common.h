@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -101,6 +102,37 @@ static void fake_trace(const char* lib, const char* fn, long rc, const char* fmt
   if (write(fd, line, (size_t)(n < (int)sizeof line ? n : (int)sizeof line - 1)) < 0) {
   }
   close(fd);
+}
+
+/* ---- failures ---------------------------------------------------------------- */
+
+/* Traces a failing call of `lib`'s function `fn` and returns its code. */
+static int fake_fail(const char* lib, int rc, const char* fn, const char* why) {
+  fake_trace(lib, fn, rc, "%s", why);
+  return rc;
+}
+
+/* First thing in an exported function `fn`: returns the code a test switched on for it
+ * ("<lib>.fail=<fn>:<code>") through the including file's own fail(rc, fn, why). */
+#define FAKE_RETURN_IF_FORCED(lib, fn)                                                   \
+  do {                                                                                   \
+    long forced_ = fake_forced_failure(lib, #fn);                                        \
+    if (forced_ != 0) return fail((int)forced_, #fn, "failure switched on by the test"); \
+  } while (0)
+
+/* ---- sockets ------------------------------------------------------------------ */
+
+/* Sends (writing) or receives all n bytes; 0 on success, -1 when the connection failed. */
+static int fake_io_all(int fd, void* buf, size_t n, int writing) {
+  char* p = (char*)buf;
+  while (n > 0) {
+    ssize_t k = writing ? send(fd, p, n, MSG_NOSIGNAL) : recv(fd, p, n, 0);
+    if (k < 0 && errno == EINTR) continue;
+    if (k <= 0) return -1;
+    p += k;
+    n -= (size_t)k;
+  }
+  return 0;
 }
 
 /* ---- time -------------------------------------------------------------------- */
