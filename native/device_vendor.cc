@@ -64,10 +64,9 @@ Status VendorDevice::Alloc(size_t bytes, DevicePtr* out) {
   DevicePtr p = 0;
   EPD_RETURN_IF_ERROR(Malloc(capacity, &p));
   std::lock_guard<std::mutex> lock(mu_);
-  DeviceAllocation a;
+  DeviceAllocation& a = table_.map()[p];
   a.bytes = bytes;
   a.capacity = capacity;
-  table_.map()[p] = a;
   *out = p;
   return Status::Ok();
 }
@@ -285,13 +284,8 @@ Status VendorDevice::IpcImport(const std::string& key, DevicePtr* ptr, size_t* b
   }
   DevicePtr base = 0;
   EPD_RETURN_IF_ERROR(OpenImport(parsed.vendor_key, &base));
-  DeviceAllocation a;
-  a.bytes = parsed.capacity;
-  a.capacity = parsed.capacity;
-  a.imported = true;
-  a.ipc_key = parsed.vendor_key;
-  a.import_refs = 1;
-  table_.map()[base] = a;
+  table_.map()[base] = DeviceAllocation{parsed.capacity, parsed.capacity, /*imported=*/true, parsed.vendor_key,
+                                        /*import_refs=*/1};
   *ptr = base + parsed.offset;
   *bytes = parsed.bytes;
   return Status::Ok();
