@@ -12,14 +12,14 @@
  * cores with each other. Every loader verifies the bytes it loaded against the
  * saver's SHA-256 before it measures anything.
  */
-import { fork, type ChildProcess } from 'node:child_process';
+import { fork } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import { EncoderCacheStore } from '../lib/ec/store.js';
 import { TransferError } from '../lib/errors.js';
 import { native } from '../lib/native.js';
 import { formatBytes } from '../lib/validate.js';
-import { environment, printTable, round, spread, type Spread } from './common.js';
+import { environment, fillPattern, nextMessage, printTable, round, spread, type Spread } from './common.js';
 
 export interface EcBenchOptions {
   bytes: number;
@@ -70,18 +70,6 @@ function sha256(b: Uint8Array): string {
   return createHash('sha256').update(b).digest('hex');
 }
 
-/** Deterministic bytes (xorshift words): cheap to make, not all zero. */
-function fill(buf: Buffer, seed: number): void {
-  const words = new Uint32Array(buf.buffer, buf.byteOffset, buf.length >>> 2);
-  let x = seed >>> 0 || 1;
-  for (let i = 0; i < words.length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    words[i] = x;
-  }
-}
-
 /** Calls `fn` for `ms` and returns calls per second. */
 function rate(ms: number, fn: (i: number) => void): number {
   let n = 0;
@@ -93,23 +81,12 @@ function rate(ms: number, fn: (i: number) => void): number {
   return n / ((performance.now() - start) / 1000);
 }
 
-function message<T>(child: ChildProcess): Promise<T> {
-  return new Promise((resolve, reject) => {
-    const onExit = (code: number | null) => reject(new Error(`bench child exited (${code})`));
-    child.once('exit', onExit);
-    child.once('message', (m) => {
-      child.off('exit', onExit);
-      resolve(m as T);
-    });
-  });
-}
-
 /** Saver: saves once into fresh memory, then repeatedly into reused memory, and stays attached. */
 async function runSaver(): Promise<void> {
   const o = JSON.parse(process.env.EPD_BENCH_EC!) as { name: string; bytes: number; runs: number };
   const store = await EncoderCacheStore.open({ name: o.name });
   const src = Buffer.allocUnsafe(o.bytes);
-  fill(src, 0x5eed);
+  fillPattern(src, 0x5eed);
   let t = performance.now();
   await store.save(KEY, src);
   const firstSaveMs = performance.now() - t;
@@ -209,11 +186,11 @@ export async function runEcBench(opts: EcBenchOptions): Promise<EcBenchResult> {
     });
   const saver = spawnRole('saver', {});
   try {
-    const saved = await message<{ hash: string; firstSaveMs: number; saveMs: number }>(saver);
+    const saved = await nextMessage<{ hash: string; firstSaveMs: number; saveMs: number }>(saver, 'bench child');
     const loaders: LoaderResult[] = [];
     for (let i = 0; i < opts.processes; i++) {
       const loader = spawnRole('loader', { hash: saved.hash });
-      loaders.push(await message<LoaderResult>(loader));
+      loaders.push(await nextMessage<LoaderResult>(loader, 'bench child'));
     }
     const median = (f: (l: LoaderResult) => number) => spread(loaders.map(f)).median;
     const loadGbps = median((l) => l.loadGbps.median);

@@ -39,7 +39,7 @@ import { KvTracer, mergeChromeTraces, type ChromeTraceEvent } from '../lib/kv/tr
 import { parseBandwidth } from '../lib/link.js';
 import { getProfile, kvTensors, layerPrefillUs, REFERENCE_ACCELERATOR, type ModelProfile } from '../lib/sim/profiles.js';
 import { formatBytes } from '../lib/validate.js';
-import { environment, printTable, round, spread } from './common.js';
+import { environment, nextMessage, printTable, round, spread } from './common.js';
 
 export interface LayerwiseBenchOptions {
   model: string;
@@ -155,15 +155,7 @@ async function runDecode(): Promise<void> {
 }
 
 function ask<T>(child: ChildProcess, msg: object | null): Promise<T> {
-  return new Promise((resolve, reject) => {
-    const onExit = (code: number | null) => reject(new TransferError(`bench decode process exited (${code})`, 'ERR_PEER_LOST'));
-    child.once('exit', onExit);
-    child.once('message', (m) => {
-      child.off('exit', onExit);
-      resolve(m as T);
-    });
-    if (msg) child.send(msg);
-  });
+  return nextMessage<T>(child, 'bench decode process', msg ?? undefined);
 }
 
 // ---- prefill (this process) ------------------------------------------------------------------

@@ -20,7 +20,7 @@ import { DescriptorBatch, TransferEngine, type Peer, type Region } from '../lib/
 import { TransferError } from '../lib/errors.js';
 import { native } from '../lib/native.js';
 import { formatBytes, parseBytes } from '../lib/validate.js';
-import { environment, printTable, round, spread } from './common.js';
+import { environment, fillPattern, nextMessage, printTable, round, spread } from './common.js';
 
 export interface TransferBenchOptions {
   transport: 'shm' | 'tcp';
@@ -60,43 +60,13 @@ export interface TransferBenchResult {
 
 const TARGET_FLAG = '--bench-transfer-target';
 
-/** Deterministic, position-dependent content, so a misplaced block changes the hash. */
-function fillPattern(buf: Buffer, seed: number): void {
-  const words = new Uint32Array(buf.buffer, buf.byteOffset, buf.length >>> 2);
-  let x = seed >>> 0 || 1;
-  for (let i = 0; i < words.length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    words[i] = x + i;
-  }
-}
-
 function sha1(buf: Buffer): string {
   return createHash('sha1').update(buf).digest('hex');
 }
 
-function firstMessage<T>(child: ChildProcess): Promise<T> {
-  return new Promise((resolve, reject) => {
-    const onExit = (code: number | null) => reject(new Error(`bench target exited (${code})`));
-    child.once('exit', onExit);
-    child.once('message', (m) => {
-      child.off('exit', onExit);
-      resolve(m as T);
-    });
-  });
-}
-
-function request<T>(child: ChildProcess, msg: unknown): Promise<T> {
-  return new Promise((resolve, reject) => {
-    const onExit = (code: number | null) => reject(new Error(`bench target exited (${code})`));
-    child.once('exit', onExit);
-    child.once('message', (m) => {
-      child.off('exit', onExit);
-      resolve(m as T);
-    });
-    child.send(msg as object);
-  });
+/** The target's answer to `msg` (or, without one, its first message). */
+function request<T>(child: ChildProcess, msg?: object): Promise<T> {
+  return nextMessage<T>(child, 'bench target', msg);
 }
 
 /** Child side: an engine with one region, answering hash requests. */
@@ -187,7 +157,7 @@ export async function runTransferBench(opts: TransferBenchOptions): Promise<Tran
   const child = fork(self, [TARGET_FLAG], { env: { ...process.env, EPD_BENCH_REGION: String(opts.regionBytes) }, stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
   const engine = await TransferEngine.open({ threads: opts.threads, listen: false });
   try {
-    const target = await firstMessage<{ address: string; region: number }>(child);
+    const target = await request<{ address: string; region: number }>(child);
     const local = engine.allocate(opts.regionBytes);
     fillPattern(local.buffer!, 12345);
     const reference = engine.allocate(opts.regionBytes);

@@ -12,13 +12,11 @@
 // a lost peer is reported at once, and its link is closed (the communicator is
 // destroyed, which fails what is still queued on it): later batches to that peer fail
 // with ERR_PEER_LOST until the caller connects again.
-#include <chrono>
-#include <condition_variable>
 #include <cstring>
 #include <mutex>
-#include <thread>
 #include <unordered_map>
 
+#include "transport_poller.h"
 #include "vendor/acl.h"
 #include "vendor/acl_device.h"
 #include "vendor/hccl.h"
@@ -46,11 +44,11 @@ struct Link {
   std::string why;
 };
 
-class HcclTransportImpl final : public HcclTransport {
+class HcclTransportImpl final : public PollingTransport<HcclTransport> {
  public:
   HcclTransportImpl(Device* device, const acl::Runtime* acl_rt, const hc::Runtime* hccl_rt, BatchDone done)
-      : device_(device), acl_(acl_rt->api), hccl_(hccl_rt->api), done_(std::move(done)) {
-    poller_ = std::thread([this] { Poll(); });
+      : PollingTransport(std::move(done)), device_(device), acl_(acl_rt->api), hccl_(hccl_rt->api) {
+    StartPoller();
   }
   ~HcclTransportImpl() override { Shutdown(); }
 
@@ -229,13 +227,7 @@ class HcclTransportImpl final : public HcclTransport {
   }
 
   void Shutdown() override {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (stopping_) return;
-      stopping_ = true;
-    }
-    wake_.notify_all();
-    if (poller_.joinable()) poller_.join();
+    if (!StopPoller()) return;
     std::vector<std::shared_ptr<Batch>> unreported;
     std::vector<std::shared_ptr<Link>> all;
     {
@@ -270,11 +262,6 @@ class HcclTransportImpl final : public HcclTransport {
     acl::aclrtEvent event;
     bool reported = false;
   };
-
-  void Finish(const std::shared_ptr<Batch>& batch, const Status& st) {
-    if (!st.ok()) batch->Fail(st);
-    done_(batch);
-  }
 
   // Caller holds mu_. The peer is marked lost too, so new batches to it fail at
   // submit and the caller's next connect() makes a new link.
@@ -339,20 +326,6 @@ class HcclTransportImpl final : public HcclTransport {
     wake_.notify_all();
   }
 
-  Status Query(acl::aclrtEvent e, bool* complete) {
-    int status = -1;
-    if (acl_.aclrtQueryEventStatus != nullptr) {
-      acl::aclError rc = acl_.aclrtQueryEventStatus(e, &status);
-      if (rc != acl::kSuccess) return acl::Error(acl_, rc, "aclrtQueryEventStatus");
-      *complete = status == acl::kEventRecordedStatusComplete;
-    } else {
-      acl::aclError rc = acl_.aclrtQueryEvent(e, &status);
-      if (rc != acl::kSuccess) return acl::Error(acl_, rc, "aclrtQueryEvent");
-      *complete = status == acl::kEventStatusComplete;
-    }
-    return Status::Ok();
-  }
-
   // Caller holds mu_. One pass; returns whether anything changed.
   bool PollOnce(std::vector<std::pair<std::shared_ptr<Batch>, Status>>* report,
                 std::vector<std::shared_ptr<Link>>* teardown) {
@@ -366,7 +339,7 @@ class HcclTransportImpl final : public HcclTransport {
         continue;
       }
       bool complete = false;
-      Status st = Query(a.event, &complete);
+      Status st = acl::QueryEvent(acl_, a.event, &complete);
       hc::HcclResult async = hc::kSuccess;
       if (st.ok() && hccl_.HcclGetCommAsyncError != nullptr) {
         hc::HcclResult async_rc = hccl_.HcclGetCommAsyncError(a.link->comm, &async);
@@ -406,26 +379,21 @@ class HcclTransportImpl final : public HcclTransport {
     return progress;
   }
 
-  void Poll() {
-    acl::BindThread(device_);  // every ACL call below runs on this thread
-    auto pause = std::chrono::microseconds(20);
-    std::unique_lock<std::mutex> lock(mu_);
-    while (!stopping_) {
-      if (active_.empty() && retire_.empty()) {
-        wake_.wait(lock, [this] { return stopping_ || !active_.empty() || !retire_.empty(); });
-        pause = std::chrono::microseconds(20);
-        continue;
-      }
-      std::vector<std::pair<std::shared_ptr<Batch>, Status>> report;
-      std::vector<std::shared_ptr<Link>> teardown;
-      bool progress = PollOnce(&report, &teardown);
-      lock.unlock();
-      for (auto& [b, st] : report) Finish(b, st);
-      for (auto& l : teardown) Teardown(l);
-      lock.lock();
-      pause = progress ? std::chrono::microseconds(20) : std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(1));
-      wake_.wait_for(lock, pause);
-    }
+  void OnPollerThread() override {
+    acl::BindThread(device_);  // every ACL call of the poller runs on its thread
+  }
+
+  bool HasWork() const override { return !active_.empty() || !retire_.empty(); }
+
+  Pass PollPass(std::unique_lock<std::mutex>& lock) override {
+    std::vector<std::pair<std::shared_ptr<Batch>, Status>> report;
+    std::vector<std::shared_ptr<Link>> teardown;
+    bool progress = PollOnce(&report, &teardown);
+    lock.unlock();
+    for (auto& [b, st] : report) Finish(b, st);
+    for (auto& l : teardown) Teardown(l);
+    lock.lock();
+    return progress ? Pass::kProgress : Pass::kNoProgress;
   }
 
   // Destroys the communicator (which fails what is still queued on it), drains the
@@ -448,7 +416,7 @@ class HcclTransportImpl final : public HcclTransport {
     acl::aclrtEvent e = nullptr;
     bool drained = false;
     if (acl_.aclrtCreateEvent(&e) == acl::kSuccess && acl_.aclrtRecordEvent(e, stream) == acl::kSuccess) {
-      drained = vendor::PollUntil([&](bool* done) { return Query(e, done); }, kTeardownWaitMs, "hccl stream").ok();
+      drained = vendor::PollUntil([&](bool* done) { return acl::QueryEvent(acl_, e, done); }, kTeardownWaitMs, "hccl stream").ok();
     }
     if (e != nullptr && drained) acl_.aclrtDestroyEvent(e);
     if (!drained && acl_.aclrtDestroyStreamForce != nullptr) {
@@ -461,18 +429,13 @@ class HcclTransportImpl final : public HcclTransport {
   Device* device_;
   const acl::Api& acl_;
   const hc::Api& hccl_;
-  BatchDone done_;
 
-  std::mutex mu_;
-  std::condition_variable wake_;
   uint64_t next_link_ = 1;
   std::unordered_map<uint64_t, std::shared_ptr<Link>> unclaimed_;  // joined, no peer yet
   std::unordered_map<Peer*, std::shared_ptr<Link>> links_;
   std::vector<std::shared_ptr<Link>> retire_;  // removed peers' links, torn down by the poller
   std::unordered_map<uint64_t, std::shared_ptr<Batch>> held_;
   std::vector<Active> active_;
-  bool stopping_ = false;
-  std::thread poller_;
 };
 
 }  // namespace

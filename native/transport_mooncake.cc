@@ -15,13 +15,13 @@
 // Unregistering is what fences transfers Mooncake still has on that memory (an RDMA
 // memory region that is gone can no longer be touched); we also give such stragglers a
 // short bounded wait.
-#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
-#include <thread>
 #include <unordered_map>
 
+#include "transport_poller.h"
+#include "vendor/device_common.h"
 #include "vendor/mooncake.h"
 #include "vendor/transports.h"
 
@@ -32,12 +32,6 @@ namespace mc = vendor::mooncake;
 
 constexpr int kErrBatchBusy = -4;
 constexpr auto kStragglerWait = std::chrono::milliseconds(2000);
-
-std::string Hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
 
 const char* StatusName(int s) {
   switch (s) {
@@ -52,12 +46,12 @@ const char* StatusName(int s) {
   return "UNKNOWN";
 }
 
-class MooncakeTransportImpl final : public MooncakeTransport {
+class MooncakeTransportImpl final : public PollingTransport<MooncakeTransport> {
  public:
   MooncakeTransportImpl(const mc::Runtime* rt, mc::transfer_engine_t engine, std::string segment, Device* device,
                         BatchDone done)
-      : api_(rt->api), engine_(engine), segment_(std::move(segment)), device_(device), done_(std::move(done)) {
-    poller_ = std::thread([this] { Poll(); });
+      : PollingTransport(std::move(done)), api_(rt->api), engine_(engine), segment_(std::move(segment)), device_(device) {
+    StartPoller();
   }
 
   ~MooncakeTransportImpl() override { Shutdown(); }
@@ -73,7 +67,7 @@ class MooncakeTransportImpl final : public MooncakeTransport {
     std::string location = Location(r);
     int rc = api_.registerLocalMemory(engine_, addr, r.length, location.c_str(), /*remote_accessible=*/1);
     if (rc != 0) {
-      Status st = mc::Error(rc, "registerLocalMemory(" + Hex(reinterpret_cast<uintptr_t>(addr)) + ", " +
+      Status st = mc::Error(rc, "registerLocalMemory(" + vendor::HexAddress(reinterpret_cast<uintptr_t>(addr)) + ", " +
                                     std::to_string(r.length) + " bytes, " + location + ")");
       if (rc == -7) return Status(Code::kBadArgument, st.message() + ": it overlaps a region already registered");
       return st;
@@ -147,18 +141,11 @@ class MooncakeTransportImpl final : public MooncakeTransport {
         return;
       }
     }
-    batch->Fail(Status(Code::kClosed, "engine is closed"));
-    done_(std::move(batch));
+    Finish(batch, Status(Code::kClosed, "engine is closed"));
   }
 
   void Shutdown() override {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (stopping_) return;
-      stopping_ = true;
-    }
-    wake_.notify_all();
-    if (poller_.joinable()) poller_.join();
+    if (!StopPoller()) return;
     std::vector<std::shared_ptr<Batch>> unreported;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -175,10 +162,7 @@ class MooncakeTransportImpl final : public MooncakeTransport {
       registered_.clear();
     }
     idle_.notify_all();
-    for (auto& b : unreported) {
-      b->Fail(Status(Code::kClosed, "engine closed while the batch was in flight"));
-      done_(b);
-    }
+    for (auto& b : unreported) Finish(b, Status(Code::kClosed, "engine closed while the batch was in flight"));
   }
 
  private:
@@ -296,65 +280,53 @@ class MooncakeTransportImpl final : public MooncakeTransport {
     return progress;
   }
 
-  void Poll() {
-    auto pause = std::chrono::microseconds(20);
-    std::unique_lock<std::mutex> lock(mu_);
-    while (!stopping_) {
-      if (!pending_.empty()) {
-        std::vector<std::shared_ptr<Batch>> submit;
-        submit.swap(pending_);
-        lock.unlock();
-        for (auto& b : submit) {
-          Status st = Submit(b);
-          if (!st.ok() || b->StopCode() != Code::kOk) {
-            // Failed (or stopped) before Mooncake took it: report it now, unless
-            // Submit handed it to the poller as a straggler already reported.
-            if (!st.ok()) b->Fail(st);
-            bool tracked = false;
-            {
-              std::lock_guard<std::mutex> l(mu_);
-              for (const Active& a : active_) tracked = tracked || (a.batch == b && !a.reported);
-            }
-            if (!tracked) done_(b);
+  bool HasWork() const override { return !pending_.empty() || !active_.empty(); }
+
+  // Submits what is pending (then passes again at once), else polls what is active.
+  Pass PollPass(std::unique_lock<std::mutex>& lock) override {
+    if (!pending_.empty()) {
+      std::vector<std::shared_ptr<Batch>> submit;
+      submit.swap(pending_);
+      lock.unlock();
+      for (auto& b : submit) {
+        Status st = Submit(b);
+        if (!st.ok() || b->StopCode() != Code::kOk) {
+          // Failed (or stopped) before Mooncake took it: report it now, unless
+          // Submit handed it to the poller as a straggler already reported.
+          if (!st.ok()) b->Fail(st);
+          bool tracked = false;
+          {
+            std::lock_guard<std::mutex> l(mu_);
+            for (const Active& a : active_) tracked = tracked || (a.batch == b && !a.reported);
           }
+          if (!tracked) done_(b);
         }
-        lock.lock();
-        pause = std::chrono::microseconds(20);
-        continue;
       }
-      if (active_.empty()) {
-        wake_.wait(lock, [this] { return stopping_ || !active_.empty() || !pending_.empty(); });
-        pause = std::chrono::microseconds(20);
-        continue;
-      }
-      std::vector<std::shared_ptr<Batch>> report;
-      bool progress = PollOnce(&report);
-      if (active_.empty() || progress) idle_.notify_all();
-      if (!report.empty()) {
-        lock.unlock();
-        for (auto& b : report) done_(b);
-        lock.lock();
-      }
-      pause = progress ? std::chrono::microseconds(20) : std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(1));
-      wake_.wait_for(lock, pause);
+      lock.lock();
+      return Pass::kAgain;
     }
+    std::vector<std::shared_ptr<Batch>> report;
+    bool progress = PollOnce(&report);
+    if (active_.empty() || progress) idle_.notify_all();
+    if (!report.empty()) {
+      lock.unlock();
+      for (auto& b : report) done_(b);
+      lock.lock();
+    }
+    return progress ? Pass::kProgress : Pass::kNoProgress;
   }
 
   const mc::Api& api_;
   mc::transfer_engine_t engine_;
   const std::string segment_;
   Device* device_;
-  BatchDone done_;
 
-  std::mutex mu_;  // engine_, segments_, registered_, active_, stopping_
-  std::condition_variable wake_;  // the poller: new work, a stop request, shutdown
+  // mu_ (PollingTransport) guards engine_, segments_, registered_, pending_, active_.
   std::condition_variable idle_;  // UnregisterRegion: a straggler finished
   std::unordered_map<Peer*, mc::segment_id_t> segments_;
   std::unordered_map<uint32_t, std::pair<uintptr_t, size_t>> registered_;
   std::vector<std::shared_ptr<Batch>> pending_;  // waiting to be submitted by the poller
   std::vector<Active> active_;
-  bool stopping_ = false;
-  std::thread poller_;
 };
 
 }  // namespace

@@ -175,6 +175,20 @@ Status Error(const Api& api, aclError rc, const std::string& what) {
   }
 }
 
+Status QueryEvent(const Api& api, aclrtEvent e, bool* complete) {
+  int status = -1;
+  if (api.aclrtQueryEventStatus != nullptr) {
+    aclError rc = api.aclrtQueryEventStatus(e, &status);
+    if (rc != kSuccess) return Error(api, rc, "aclrtQueryEventStatus");
+    *complete = status == kEventRecordedStatusComplete;
+    return Status::Ok();
+  }
+  aclError rc = api.aclrtQueryEvent(e, &status);
+  if (rc != kSuccess) return Error(api, rc, "aclrtQueryEvent");
+  *complete = status == kEventStatusComplete;  // the deprecated enum: COMPLETE = 0
+  return Status::Ok();
+}
+
 }  // namespace acl
 }  // namespace vendor
 }  // namespace epd

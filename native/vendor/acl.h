@@ -114,6 +114,10 @@ const Runtime* Load();
 // the runtime's own message (aclGetRecentErrMsg, read on the failing thread).
 Status Error(const Api& api, aclError rc, const std::string& what);
 
+// Whether the work recorded on `e` has run: aclrtQueryEventStatus, or the deprecated
+// aclrtQueryEvent (whose enum is the other way round) where the runtime lacks it.
+Status QueryEvent(const Api& api, aclrtEvent e, bool* complete);
+
 // ACL's name for an error code ("ACL_ERROR_RT_MEMORY_ALLOCATION"), or "".
 const char* ErrorName(aclError rc);
 

@@ -41,11 +41,7 @@ typedef int aclError;
     return ACL_ERROR_COMPILING_STUB_MODE; \
   } while (0)
 #else
-#define ENTRY(fn)                                               \
-  do {                                                          \
-    long forced_ = fake_forced_failure("acl", #fn);             \
-    if (forced_ != 0) return fail((aclError)forced_, #fn, "failure switched on by the test"); \
-  } while (0)
+#define ENTRY(fn) FAKE_RETURN_IF_FORCED("acl", fn)
 #endif
 
 struct fake_ctx {
@@ -62,8 +58,7 @@ static struct fake_memory memory = {PTHREAD_MUTEX_INITIALIZER, {{0}}};
 
 static aclError fail(aclError rc, const char* fn, const char* why) {
   snprintf(recent_msg, sizeof recent_msg, "EZ9999: fake %s: %s", fn, why);
-  fake_trace("acl", fn, rc, "%s", why);
-  return rc;
+  return fake_fail("acl", rc, fn, why);
 }
 
 #define REQUIRE_CTX(fn)                                 \

@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -103,6 +104,37 @@ static void fake_trace(const char* lib, const char* fn, long rc, const char* fmt
   close(fd);
 }
 
+/* ---- failures ---------------------------------------------------------------- */
+
+/* Traces a failing call of `lib`'s function `fn` and returns its code. */
+static int fake_fail(const char* lib, int rc, const char* fn, const char* why) {
+  fake_trace(lib, fn, rc, "%s", why);
+  return rc;
+}
+
+/* First thing in an exported function `fn`: returns the code a test switched on for it
+ * ("<lib>.fail=<fn>:<code>") through the including file's own fail(rc, fn, why). */
+#define FAKE_RETURN_IF_FORCED(lib, fn)                                                   \
+  do {                                                                                   \
+    long forced_ = fake_forced_failure(lib, #fn);                                        \
+    if (forced_ != 0) return fail((int)forced_, #fn, "failure switched on by the test"); \
+  } while (0)
+
+/* ---- sockets ------------------------------------------------------------------ */
+
+/* Sends (writing) or receives all n bytes; 0 on success, -1 when the connection failed. */
+static int fake_io_all(int fd, void* buf, size_t n, int writing) {
+  char* p = (char*)buf;
+  while (n > 0) {
+    ssize_t k = writing ? send(fd, p, n, MSG_NOSIGNAL) : recv(fd, p, n, 0);
+    if (k < 0 && errno == EINTR) continue;
+    if (k <= 0) return -1;
+    p += k;
+    n -= (size_t)k;
+  }
+  return 0;
+}
+
 /* ---- time -------------------------------------------------------------------- */
 
 static int64_t fake_now_ms(void) {
@@ -116,6 +148,18 @@ static void fake_sleep_ms(long ms) {
   struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
   while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
   }
+}
+
+/* The CLOCK_REALTIME time `ms` from now, for pthread_cond_timedwait. */
+static struct timespec fake_abstime_in(long ms) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  ts.tv_nsec += ms * 1000000L;
+  if (ts.tv_nsec >= 1000000000L) {
+    ts.tv_sec += 1;
+    ts.tv_nsec -= 1000000000L;
+  }
+  return ts;
 }
 
 /* ---- "device memory": shared memory, so IPC works across processes -------------- */
@@ -299,13 +343,7 @@ static void* fake_stream_main(void* arg) {
       case 3:
         pthread_mutex_lock(&t->event->mu);
         while (t->event->completed < t->generation && !fake_stream_cancelled(s)) {
-          struct timespec ts;
-          clock_gettime(CLOCK_REALTIME, &ts);
-          ts.tv_nsec += 20 * 1000000L;
-          if (ts.tv_nsec >= 1000000000L) {
-            ts.tv_sec += 1;
-            ts.tv_nsec -= 1000000000L;
-          }
+          struct timespec ts = fake_abstime_in(20);
           pthread_cond_timedwait(&t->event->cv, &t->event->mu, &ts);
         }
         pthread_mutex_unlock(&t->event->mu);
@@ -376,14 +414,18 @@ static struct fake_event* fake_event_new(unsigned flags) {
   return e;
 }
 
-static void fake_event_record(struct fake_event* e, struct fake_stream* s) {
-  struct fake_task* t = fake_task_new(2);
+/* Queues an event task: a record (kind 2) of a new generation, or a wait (kind 3) for
+ * the event's current one. */
+static void fake_stream_push_event(struct fake_stream* s, struct fake_event* e, int kind) {
+  struct fake_task* t = fake_task_new(kind);
   pthread_mutex_lock(&e->mu);
-  t->generation = ++e->recorded;
+  t->generation = kind == 2 ? ++e->recorded : e->recorded;
   pthread_mutex_unlock(&e->mu);
   t->event = e;
   fake_stream_push(s, t);
 }
+
+static void fake_event_record(struct fake_event* e, struct fake_stream* s) { fake_stream_push_event(s, e, 2); }
 
 static int fake_event_done(struct fake_event* e) {
   pthread_mutex_lock(&e->mu);
@@ -402,13 +444,7 @@ static int fake_event_wait(struct fake_event* e, long timeout_ms) {
       pthread_mutex_unlock(&e->mu);
       return -1;
     }
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_nsec += 5 * 1000000L;
-    if (ts.tv_nsec >= 1000000000L) {
-      ts.tv_sec += 1;
-      ts.tv_nsec -= 1000000000L;
-    }
+    struct timespec ts = fake_abstime_in(5);
     pthread_cond_timedwait(&e->cv, &e->mu, &ts);
   }
   pthread_mutex_unlock(&e->mu);
@@ -416,14 +452,7 @@ static int fake_event_wait(struct fake_event* e, long timeout_ms) {
 }
 
 /* Queues "wait for the event's current generation" on a stream. */
-static void fake_stream_wait_event(struct fake_stream* s, struct fake_event* e) {
-  struct fake_task* t = fake_task_new(3);
-  pthread_mutex_lock(&e->mu);
-  t->generation = e->recorded;
-  pthread_mutex_unlock(&e->mu);
-  t->event = e;
-  fake_stream_push(s, t);
-}
+static void fake_stream_wait_event(struct fake_stream* s, struct fake_event* e) { fake_stream_push_event(s, e, 3); }
 
 /* Marks the stream's current end and waits for it: 0 on time, -1 on timeout. */
 static int fake_stream_sync(struct fake_stream* s, long timeout_ms) {

@@ -40,16 +40,12 @@ static __thread struct fake_ctx* tls_ctx;
 static int initialized;
 static struct fake_memory memory = {PTHREAD_MUTEX_INITIALIZER, {{0}}};
 
-static CUresult fail(CUresult rc, const char* fn, const char* why) {
-  fake_trace("cuda", fn, rc, "%s", why);
-  return rc;
-}
+static CUresult fail(CUresult rc, const char* fn, const char* why) { return fake_fail("cuda", rc, fn, why); }
 
 #define ENTRY(fn)                                                                          \
   do {                                                                                     \
     if (!__atomic_load_n(&initialized, __ATOMIC_SEQ_CST)) return fail(CUDA_ERROR_NOT_INITIALIZED, #fn, "cuInit not called"); \
-    long forced_ = fake_forced_failure("cuda", #fn);                                       \
-    if (forced_ != 0) return fail((CUresult)forced_, #fn, "failure switched on by the test"); \
+    FAKE_RETURN_IF_FORCED("cuda", fn);                                                     \
   } while (0)
 
 #define REQUIRE_CTX(fn) \

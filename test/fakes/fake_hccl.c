@@ -59,28 +59,9 @@ struct listener {
 static pthread_mutex_t listeners_mu = PTHREAD_MUTEX_INITIALIZER;
 static struct listener listeners[64];
 
-static HcclResult fail(HcclResult rc, const char* fn, const char* why) {
-  fake_trace("hccl", fn, rc, "%s", why);
-  return rc;
-}
+static HcclResult fail(HcclResult rc, const char* fn, const char* why) { return fake_fail("hccl", rc, fn, why); }
 
-#define ENTRY(fn)                                                  \
-  do {                                                             \
-    long forced_ = fake_forced_failure("hccl", #fn);               \
-    if (forced_ != 0) return fail((HcclResult)forced_, #fn, "failure switched on by the test"); \
-  } while (0)
-
-static int io_all(int fd, void* buf, size_t n, int writing) {
-  char* p = (char*)buf;
-  while (n > 0) {
-    ssize_t k = writing ? send(fd, p, n, MSG_NOSIGNAL) : recv(fd, p, n, 0);
-    if (k < 0 && errno == EINTR) continue;
-    if (k <= 0) return -1;
-    p += k;
-    n -= (size_t)k;
-  }
-  return 0;
-}
+#define ENTRY(fn) FAKE_RETURN_IF_FORCED("hccl", fn)
 
 static socklen_t abstract_addr(const char* name, struct sockaddr_un* sa) {
   memset(sa, 0, sizeof *sa);
@@ -173,7 +154,7 @@ FAKE_EXPORT HcclResult HcclCommInitRootInfo(uint32_t nranks, const HcclRootInfo*
   }
   if (fd < 0) return fail(HCCL_E_TIMEOUT, "HcclCommInitRootInfo", "the other rank did not join in time");
   uint32_t theirs = 0;
-  if (io_all(fd, &rank, sizeof rank, 1) != 0 || io_all(fd, &theirs, sizeof theirs, 0) != 0 || theirs == rank) {
+  if (fake_io_all(fd, &rank, sizeof rank, 1) != 0 || fake_io_all(fd, &theirs, sizeof theirs, 0) != 0 || theirs == rank) {
     close(fd);
     return fail(HCCL_E_PARA, "HcclCommInitRootInfo", "rank handshake failed (both ranks the same?)");
   }
@@ -218,15 +199,15 @@ static void run_op(void* arg) {
       uint64_t count = it->count;
       int bad = 0;
       if (pass == 0) {
-        bad = io_all(c->fd, &count, sizeof count, 1) != 0 || io_all(c->fd, it->buf, it->count, 1) != 0;
+        bad = fake_io_all(c->fd, &count, sizeof count, 1) != 0 || fake_io_all(c->fd, it->buf, it->count, 1) != 0;
       } else {
-        bad = io_all(c->fd, &count, sizeof count, 0) != 0;
+        bad = fake_io_all(c->fd, &count, sizeof count, 0) != 0;
         if (!bad && count != it->count) {
           /* Mismatched pair: drain the payload, keep the buffer, report asynchronously. */
           char sink[4096];
           for (uint64_t left = count; left > 0 && !bad;) {
             size_t n = left < sizeof sink ? (size_t)left : sizeof sink;
-            bad = io_all(c->fd, sink, n, 0) != 0;
+            bad = fake_io_all(c->fd, sink, n, 0) != 0;
             left -= n;
           }
           __atomic_store_n(&c->async_error, HCCL_E_PARA, __ATOMIC_SEQ_CST);
@@ -234,7 +215,7 @@ static void run_op(void* arg) {
                      (unsigned long long)it->count);
           continue;
         }
-        if (!bad) bad = io_all(c->fd, it->buf, it->count, 0) != 0;
+        if (!bad) bad = fake_io_all(c->fd, it->buf, it->count, 0) != 0;
       }
       if (bad) {
         __atomic_store_n(&c->async_error, HCCL_E_REMOTE, __ATOMIC_SEQ_CST);

@@ -96,28 +96,9 @@ struct wire {
   uint64_t length;
 };
 
-static int fail(int rc, const char* fn, const char* why) {
-  fake_trace("mooncake", fn, rc, "%s", why);
-  return rc;
-}
+static int fail(int rc, const char* fn, const char* why) { return fake_fail("mooncake", rc, fn, why); }
 
-#define ENTRY(fn)                                                 \
-  do {                                                            \
-    long forced_ = fake_forced_failure("mooncake", #fn);          \
-    if (forced_ != 0) return fail((int)forced_, #fn, "failure switched on by the test"); \
-  } while (0)
-
-static int full_io(int fd, void* buf, size_t n, int writing) {
-  char* p = (char*)buf;
-  while (n > 0) {
-    ssize_t k = writing ? send(fd, p, n, MSG_NOSIGNAL) : recv(fd, p, n, 0);
-    if (k < 0 && errno == EINTR) continue;
-    if (k <= 0) return -1;
-    p += k;
-    n -= (size_t)k;
-  }
-  return 0;
-}
+#define ENTRY(fn) FAKE_RETURN_IF_FORCED("mooncake", fn)
 
 /* Caller holds e->mu. Nonzero when [addr, addr + len) is inside one registered buffer. */
 static int registered(struct engine* e, uintptr_t addr, uint64_t len) {
@@ -140,14 +121,14 @@ static void* serve_conn(void* arg) {
   free(arg);
   for (;;) {
     struct wire w;
-    if (full_io(c.fd, &w, sizeof w, 0) != 0) break;
+    if (fake_io_all(c.fd, &w, sizeof w, 0) != 0) break;
     pthread_mutex_lock(&c.e->mu);
     int ok = registered(c.e, (uintptr_t)w.addr, w.length);
     pthread_mutex_unlock(&c.e->mu);
     if (w.op == OPCODE_WRITE) {
       /* Read the payload even when refusing it, to keep the stream in step. */
       char* tmp = (char*)malloc(w.length ? w.length : 1);
-      if (tmp == NULL || full_io(c.fd, tmp, w.length, 0) != 0) {
+      if (tmp == NULL || fake_io_all(c.fd, tmp, w.length, 0) != 0) {
         free(tmp);
         break;
       }
@@ -159,10 +140,10 @@ static void* serve_conn(void* arg) {
       }
       free(tmp);
       w.status = ok ? 0 : 1;
-      if (full_io(c.fd, &w, sizeof w, 1) != 0) break;
+      if (fake_io_all(c.fd, &w, sizeof w, 1) != 0) break;
     } else {
       w.status = ok ? 0 : 1;
-      if (full_io(c.fd, &w, sizeof w, 1) != 0) break;
+      if (fake_io_all(c.fd, &w, sizeof w, 1) != 0) break;
       if (ok) {
         pthread_mutex_lock(&c.e->mu);
         int still = registered(c.e, (uintptr_t)w.addr, w.length);
@@ -170,7 +151,7 @@ static void* serve_conn(void* arg) {
         if (tmp != NULL) memset(tmp, 0, w.length);
         if (still && tmp != NULL) memcpy(tmp, (void*)(uintptr_t)w.addr, w.length);
         pthread_mutex_unlock(&c.e->mu);
-        int rc = tmp == NULL ? -1 : full_io(c.fd, tmp, w.length, 1);
+        int rc = tmp == NULL ? -1 : fake_io_all(c.fd, tmp, w.length, 1);
         free(tmp);
         if (rc != 0) break;
       }
@@ -220,10 +201,10 @@ static int run_task(struct engine* e, struct task* t) {
     if (!ok) goto out;
   }
   pthread_mutex_lock(&s->mu);
-  int io = full_io(s->fd, &w, sizeof w, 1);
-  if (io == 0 && t->req.opcode == OPCODE_WRITE) io = full_io(s->fd, tmp, t->req.length, 1);
-  if (io == 0) io = full_io(s->fd, &w, sizeof w, 0);
-  if (io == 0 && w.status == 0 && t->req.opcode == OPCODE_READ) io = full_io(s->fd, tmp, t->req.length, 0);
+  int io = fake_io_all(s->fd, &w, sizeof w, 1);
+  if (io == 0 && t->req.opcode == OPCODE_WRITE) io = fake_io_all(s->fd, tmp, t->req.length, 1);
+  if (io == 0) io = fake_io_all(s->fd, &w, sizeof w, 0);
+  if (io == 0 && w.status == 0 && t->req.opcode == OPCODE_READ) io = fake_io_all(s->fd, tmp, t->req.length, 0);
   pthread_mutex_unlock(&s->mu);
   if (io != 0 || w.status != 0) goto out;
   if (t->req.opcode == OPCODE_READ) {
