@@ -28,6 +28,8 @@ const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const NATIVE_TESTS = [
   'test/engine',
   'test/device',
+  // vendor devices and transports (shared VendorDevice base, polling transports) against the C fakes.
+  'test/vendor',
   'test/build/native-smoke.test.ts',
   // encoder-cache store: robust process-shared mutex, crash recovery, 4 GiB view windows.
   'test/ec',
