@@ -33,7 +33,10 @@ class Event {
   virtual uint64_t native_handle() const { return 0; }
 };
 
-class Device {
+// Always owned by a shared_ptr (the engine's, and each JS stream/event wrapper's); the
+// base is here, not in a subclass, so that converting the factories' unique_ptr<Device>
+// to shared_ptr<Device> arms weak_from_this() for every backend.
+class Device : public std::enable_shared_from_this<Device> {
  public:
   virtual ~Device() = default;
 

@@ -31,7 +31,7 @@ struct VendorTraits {
   size_t alloc_granule;    // allocations are rounded up to a multiple of it (1: as asked)
 };
 
-class VendorDevice : public Device, public std::enable_shared_from_this<VendorDevice> {
+class VendorDevice : public Device {
  public:
   // The runtime's opaque handles (aclrtStream / CUstream, aclrtEvent / CUevent).
   using StreamHandle = void*;
