@@ -48,7 +48,7 @@ test('several workers at once transfer independently', async () => {
 
 test('terminating workers with transfers in flight does not crash the process and releases their shm', async () => {
   const run = await runNode([fixture('worker-terminate.mjs')], { timeoutMs: 60_000 });
-  expect(run.signal).toBeNull();
+  expect(run.signal, run.stderr).toBeNull();
   expect(run.code, run.stderr).toBe(0);
   const r = lastJson<Record<string, unknown>>(run.stdout);
   expect(r.duringBusy).toBe(6); // three workers, two regions each
@@ -73,7 +73,7 @@ test('a script that connected engines and never closed them still exits', async 
     ],
     { timeoutMs: 20_000 },
   );
-  expect(run.signal).toBeNull();
+  expect(run.signal, run.stderr).toBeNull();
   expect(run.code, run.stderr).toBe(0);
   expect(lastJson(run.stdout)).toEqual({ done: true });
 });
