@@ -2,7 +2,7 @@
 // single flight across processes, and what a killed writer, reader or lock holder
 // leaves behind (nothing visible, nothing stuck).
 import { spawn } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import { EncoderCacheStore } from '../../lib/index.js';
@@ -189,14 +189,29 @@ describe('encoder cache across processes', () => {
   });
 
   it('reopening a store whose processes all died keeps its entries', async () => {
-    const name = storeName('reopen');
-    const w = await startWorker();
-    await w.call('open', { name, capacity: MiB });
-    await w.call('save', { key: 'k', seed: 17, size: 1000 });
-    await w.kill();
-    const store = await EncoderCacheStore.open({ name, capacity: MiB, reclaimStale: false });
-    stores.push(store);
-    expect(store.acquire('k')!.bytes.equals(ecPattern(17, 1000))).toBe(true);
-    expect(store.stats().processes).toBe(1);
+    // Between the kill and the reopen the store is an orphan, and any other process that opens a
+    // store meanwhile (a parallel test file) may rightly reclaim it. A descriptor held on the shm
+    // object tells that case apart (the object we filled was unlinked: try again) from entries lost
+    // by the reopen itself (same object, entry missing: the failure this test exists for).
+    for (let attempt = 1; ; attempt++) {
+      const name = storeName(`reopen${attempt}`);
+      const w = await startWorker();
+      await w.call('open', { name, capacity: MiB });
+      await w.call('save', { key: 'k', seed: 17, size: 1000 });
+      const [object] = storeObjects(name);
+      const fd = openSync(`/dev/shm/${object}`, 'r');
+      try {
+        await w.kill();
+        const store = await EncoderCacheStore.open({ name, capacity: MiB, reclaimStale: false });
+        stores.push(store);
+        if (fstatSync(fd).nlink === 0 && attempt < 5) continue; // reclaimed by someone else in between
+        expect(fstatSync(fd).nlink, 'the store was reclaimed by another process on every attempt').toBe(1);
+        expect(store.acquire('k')!.bytes.equals(ecPattern(17, 1000))).toBe(true);
+        expect(store.stats().processes).toBe(1);
+        return;
+      } finally {
+        closeSync(fd);
+      }
+    }
   });
 });
