@@ -10,7 +10,8 @@ describe('epd-transfer proxy', () => {
     const proxyCmd = cli(['proxy', '--port', '0', '--pd', pd.url, '--health-interval', '200ms'], { EPD_PROXY_SECRET: SECRET });
     await waitFor(() => /listening on (http:\/\/\S+)/.test(proxyCmd.stderr()), 'the proxy to listen');
     const url = /listening on (http:\/\/\S+)/.exec(proxyCmd.stderr())![1];
-    expect(proxyCmd.stderr()).toContain(`pd instance ${pd.url}: healthy`);
+    // The instance listing is written right after the 'listening' line, possibly in a later chunk.
+    await waitFor(() => proxyCmd.stderr().includes(`pd instance ${pd.url}: healthy`), 'the instance listing');
 
     const px = { url } as Parameters<typeof client>[0];
     const answer = await client(px).chat.completions.create({ model: 'fake-model', messages: [{ role: 'user', content: 'hi' }] });
