@@ -70,3 +70,26 @@ export function withCallerStack<E>(err: E, caller: Error): E {
   }
   return err;
 }
+
+/**
+ * Resolves or rejects as `promise` does, unless `signal` aborts first: then rejects
+ * with `onAbort()` (also at once when it already has). The listener is removed
+ * either way; `promise` itself is not cancelled.
+ */
+export function raceAbort<T>(promise: Promise<T>, signal: AbortSignal, onAbort: () => Error): Promise<T> {
+  if (signal.aborted) return Promise.reject(onAbort());
+  return new Promise<T>((resolve, reject) => {
+    const abort = () => reject(onAbort());
+    signal.addEventListener('abort', abort, { once: true });
+    promise.then(
+      (v) => {
+        signal.removeEventListener('abort', abort);
+        resolve(v);
+      },
+      (e) => {
+        signal.removeEventListener('abort', abort);
+        reject(e);
+      },
+    );
+  });
+}

@@ -25,7 +25,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { EncoderCacheStore } from '../ec/store.js';
-import { TransferError } from '../errors.js';
+import { raceAbort, TransferError } from '../errors.js';
 import { native } from '../native.js';
 import type { RequestTrace } from '../proxy/flow.js';
 import { getProfile, REFERENCE_ACCELERATOR } from '../sim/profiles.js';
@@ -92,21 +92,7 @@ function epochMs(): number {
 
 /** Resolves with `promise`, or rejects once `signal` aborts. */
 function unlessAborted<T>(promise: Promise<T>, signal: AbortSignal): Promise<T> {
-  if (signal.aborted) return Promise.reject(new TransferError('the demo was interrupted', 'ERR_ABORTED'));
-  return new Promise<T>((resolve, reject) => {
-    const onAbort = () => reject(new TransferError('the demo was interrupted', 'ERR_ABORTED'));
-    signal.addEventListener('abort', onAbort, { once: true });
-    promise.then(
-      (v) => {
-        signal.removeEventListener('abort', onAbort);
-        resolve(v);
-      },
-      (e) => {
-        signal.removeEventListener('abort', onAbort);
-        reject(e);
-      },
-    );
-  });
+  return raceAbort(promise, signal, () => new TransferError('the demo was interrupted', 'ERR_ABORTED'));
 }
 
 /** Writes the report at `file`, or in the temp directory when that place cannot be written. Returns where. */

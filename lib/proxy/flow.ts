@@ -11,6 +11,7 @@
  */
 import type { ServerResponse } from 'node:http';
 import { performance } from 'node:perf_hooks';
+import { raceAbort } from '../errors.js';
 import { ProxyError, asProxyError, badRequest } from './errors.js';
 import type { HealthMonitor } from './health.js';
 import type { Instance, InstancePool, Lease, Role } from './instances.js';
@@ -149,21 +150,7 @@ function ownFailureBeforeFirstByte(writer: StreamWriter | undefined) {
 
 /** Resolves with `promise`, or rejects with the signal's reason when it aborts first. */
 function abortable<T>(promise: Promise<T>, signal: AbortSignal): Promise<T> {
-  if (signal.aborted) return Promise.reject(asProxyError(signal.reason));
-  return new Promise<T>((resolve, reject) => {
-    const onAbort = () => reject(asProxyError(signal.reason));
-    signal.addEventListener('abort', onAbort, { once: true });
-    promise.then(
-      (v) => {
-        signal.removeEventListener('abort', onAbort);
-        resolve(v);
-      },
-      (e) => {
-        signal.removeEventListener('abort', onAbort);
-        reject(e);
-      },
-    );
-  });
+  return raceAbort(promise, signal, () => asProxyError(signal.reason));
 }
 
 // ---------------------------------------------------------------- encode
